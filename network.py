@@ -1,0 +1,226 @@
+"""network.py: the numerical building blocks of TRPO, every derivative by hand.
+
+What is here, in the order trpo_numpy.py uses it:
+
+* `MLP`: a tanh multilayer perceptron whose parameters are ONE flat vector
+  `theta`, so that conjugate gradient and the line search work on plain 1-D
+  arrays. Its three passes sit side by side:
+    - `forward`  : y = f_theta(x), returning an explicit cache of activations;
+    - `backward` : the vector-Jacobian product  g^T (dy/dtheta)  (backprop);
+    - `jvp`      : the Jacobian-vector product  (dy/dtheta) v  (forward mode).
+* Categorical distributions on logits z: `softmax`, `log_softmax`,
+  `log_prob`, `entropy`, `kl`, `sample`, and `categorical_fisher_product`,
+  the Fisher information of a categorical in logit space, diag(p) - p p^T,
+  applied to a vector (TRPO Appendix C).
+* `Adam` (Kingma & Ba 2014, arXiv:1412.6980) for the value network.
+* `numerical_gradient` and `relative_error`: central finite differences, the
+  reference every derivative above is tested against in test_trpo.py.
+
+References: Schulman et al. 2015, Trust Region Policy Optimization,
+arXiv:1502.05477. Everything is float64 NumPy; no autodiff framework.
+"""
+
+import numpy as np
+
+
+# ----------------------------------------------------------------------------
+# The tanh MLP
+# ----------------------------------------------------------------------------
+
+class MLP:
+    """y = tanh(... tanh(x W_1 + b_1) ...) W_L + b_L: tanh hidden layers, a linear output.
+
+    The object holds only the architecture (`sizes`, e.g. [8, 64, 64, 4]); the
+    parameters are a separate flat vector `theta` passed to every method. Layer l
+    occupies W_l (row-major, shape (n_in, n_out)) followed by b_l in theta.
+    """
+
+    def __init__(self, sizes):
+        if len(sizes) < 2 or any(int(n) < 1 for n in sizes):
+            raise ValueError(f"an MLP needs at least two positive layer sizes, got {sizes}")
+        self.sizes = [int(n) for n in sizes]
+        self.shapes = list(zip(self.sizes[:-1], self.sizes[1:]))  # (n_in, n_out) per layer
+        self.num_params = sum(n_in * n_out + n_out for n_in, n_out in self.shapes)
+
+    def unflatten(self, theta):
+        """Flat vector -> list of (W, b) per layer. These are views: writing into them writes theta."""
+        layers, start = [], 0
+        for n_in, n_out in self.shapes:
+            W = theta[start:start + n_in * n_out].reshape(n_in, n_out)
+            start += n_in * n_out
+            b = theta[start:start + n_out]
+            start += n_out
+            layers.append((W, b))
+        return layers
+
+    def flatten(self, layers):
+        """List of (W, b) per layer -> one flat vector (the inverse of `unflatten`)."""
+        return np.concatenate([np.concatenate([W.ravel(), b]) for W, b in layers])
+
+    def init(self, rng, output_gain=1.0):
+        """Orthogonal weights, zero biases. A small `output_gain` (0.01 for the policy)
+        makes every action nearly equally likely at the start, so exploration is not
+        decided by the random initialisation."""
+        theta = np.zeros(self.num_params)
+        layers = self.unflatten(theta)
+        for l, (W, _) in enumerate(layers):
+            gain = output_gain if l == len(layers) - 1 else np.sqrt(2.0)
+            # QR of a Gaussian matrix gives a random orthogonal basis; the sign fix makes it uniform.
+            q, r = np.linalg.qr(rng.standard_normal((max(W.shape), min(W.shape))))
+            q = q * np.sign(np.diag(r))
+            W[:] = gain * (q if W.shape[0] >= W.shape[1] else q.T)
+        return theta
+
+    def forward(self, theta, x):
+        """y = f_theta(x) for a batch x of shape (N, n_in).
+
+        Returns (y, cache). `cache` is the list of each layer's input: cache[0] = x,
+        cache[l] = h_l = tanh(h_{l-1} W_l + b_l). The backward pass and the JVP both
+        reuse it, so the nonlinearity is evaluated once.
+        """
+        layers = self.unflatten(theta)
+        cache = [x]
+        h = x
+        for W, b in layers[:-1]:
+            h = np.tanh(h @ W + b)  # (N, n_out)
+            cache.append(h)
+        W, b = layers[-1]
+        return h @ W + b, cache
+
+    def backward(self, theta, cache, grad_y):
+        """Vector-Jacobian product: sum_i grad_y_i^T (dy_i/dtheta), as a flat vector.
+
+        With grad_y = dLoss/dy this is the ordinary gradient dLoss/dtheta (backprop):
+        dW_l = h_{l-1}^T delta_l, db_l = sum_i delta_l, and delta_{l-1} = (delta_l W_l^T) * (1 - h_{l-1}^2)
+        because tanh' = 1 - tanh^2.
+        """
+        layers = self.unflatten(theta)
+        grads = [None] * len(layers)
+        delta = grad_y  # (N, n_out) of the current layer
+        for l in reversed(range(len(layers))):
+            W, _ = layers[l]
+            h_in = cache[l]
+            grads[l] = (h_in.T @ delta, delta.sum(axis=0))
+            if l > 0:
+                delta = (delta @ W.T) * (1.0 - h_in ** 2)
+        return self.flatten(grads)
+
+    def jvp(self, theta, cache, v):
+        """Jacobian-vector product: (dy/dtheta) v for every sample, shape (N, n_out).
+
+        Forward-mode differentiation: push the tangent u = dh/dtheta . v through the
+        layers beside the activations. With h_l = tanh(a_l), a_l = h_{l-1} W_l + b_l:
+            da_l = h_{l-1} dW_l + db_l + u_{l-1} W_l,    u_l = (1 - h_l^2) * da_l,
+        and u_0 = 0 because the input does not depend on theta.
+        """
+        layers = self.unflatten(theta)
+        tangents = self.unflatten(v)
+        u = np.zeros_like(cache[0])
+        for l, ((W, _), (dW, db)) in enumerate(zip(layers, tangents)):
+            da = cache[l] @ dW + db + u @ W  # (N, n_out)
+            if l == len(layers) - 1:
+                return da  # the output layer is linear
+            u = (1.0 - cache[l + 1] ** 2) * da
+
+
+# ----------------------------------------------------------------------------
+# Categorical distributions on logits z (one row per state)
+# ----------------------------------------------------------------------------
+
+def log_softmax(z):
+    """log p = z - logsumexp(z), row by row; subtracting the max keeps exp from overflowing."""
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def softmax(z):
+    """p = exp(z) / sum exp(z), row by row."""
+    return np.exp(log_softmax(z))
+
+
+def log_prob(z, actions):
+    """log pi(a_i | s_i) for each row i of logits z and its action a_i."""
+    return log_softmax(z)[np.arange(len(actions)), actions]
+
+
+def entropy(z):
+    """H(pi(.|s)) = -sum_a p_a log p_a, one value per row."""
+    logp = log_softmax(z)
+    return -(np.exp(logp) * logp).sum(axis=-1)
+
+
+def kl(z_old, z_new):
+    """KL(pi_old(.|s) || pi_new(.|s)) = sum_a p_old,a (log p_old,a - log p_new,a), one value per row.
+
+    The direction is the paper's: the old policy is the first argument, the one
+    whose states and actions we sampled (TRPO Eq. 12)."""
+    logp_old = log_softmax(z_old)
+    return (np.exp(logp_old) * (logp_old - log_softmax(z_new))).sum(axis=-1)
+
+
+def sample(z, rng):
+    """Draw one action per row from softmax(z) by inverting the cumulative distribution.
+
+    One call to `rng.random` for the whole batch keeps the sampler vectorised."""
+    cdf = np.cumsum(softmax(z), axis=-1)
+    u = rng.random(len(z))[:, None] * cdf[:, -1:]  # scale by the total so rounding never leaves u > cdf[-1]
+    return (u > cdf).sum(axis=-1)
+
+
+def categorical_fisher_product(p, u):
+    """(diag(p) - p p^T) u, row by row: the Fisher information of a categorical in logit space.
+
+    It is the Hessian of KL(p_old || softmax(z)) with respect to z at z = z_old
+    (TRPO Appendix C), so F = J^T (diag(p) - p p^T) J for the policy network's
+    Jacobian J = dz/dtheta. Cost O(N * num_actions): no matrix is built."""
+    return p * u - p * (p * u).sum(axis=-1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------
+# Adam
+# ----------------------------------------------------------------------------
+
+class Adam:
+    """Adam on a flat parameter vector (Kingma & Ba 2014, Algorithm 1)."""
+
+    def __init__(self, num_params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m = np.zeros(num_params)  # first moment of the gradient
+        self.v = np.zeros(num_params)  # second moment of the gradient
+        self.t = 0
+
+    def step(self, theta, grad):
+        """Return theta after one descent step on grad (it minimises)."""
+        self.t += 1
+        self.m = self.beta1 * self.m + (1 - self.beta1) * grad
+        self.v = self.beta2 * self.v + (1 - self.beta2) * grad ** 2
+        # Bias correction: m and v start at zero, so early averages are too small.
+        m_hat = self.m / (1 - self.beta1 ** self.t)
+        v_hat = self.v / (1 - self.beta2 ** self.t)
+        return theta - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+# ----------------------------------------------------------------------------
+# Finite differences: the reference every hand-written derivative is checked against
+# ----------------------------------------------------------------------------
+
+def numerical_gradient(f, x, eps=1e-6):
+    """Central differences (f(x + eps e_i) - f(x - eps e_i)) / (2 eps) for every coordinate i.
+
+    f maps a flat float64 vector to a scalar or an array; the result has shape
+    x.shape + f(x).shape. The error is O(eps^2), about 1e-10 relative here.
+    """
+    x = np.array(x, dtype=np.float64)
+    columns = []
+    for i in range(x.size):
+        step = np.zeros_like(x)
+        step.flat[i] = eps
+        columns.append((np.asarray(f(x + step)) - np.asarray(f(x - step))) / (2 * eps))
+    return np.array(columns).reshape(x.shape + np.shape(columns[0]))
+
+
+def relative_error(a, b):
+    """max |a - b| / max(|a|, |b|, tiny): small means the two agree to that many digits."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    scale = max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0), 1e-300)
+    return np.abs(a - b).max(initial=0.0) / scale

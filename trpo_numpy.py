@@ -1,0 +1,735 @@
+"""trpo_numpy.py: Trust Region Policy Optimization in plain NumPy, on Gymnasium's LunarLander-v3.
+
+Read this file beside the papers; it follows Algorithm 1 of TRPO in order:
+
+  1. sample trajectories with the current policy pi_old         (Sec. 5.1, single path)
+  2. estimate advantages                                        (GAE paper, Eq. 16; or Monte Carlo)
+  3. build the surrogate L(theta) and its gradient g            (TRPO Eq. 14)
+  4. solve F x = g by conjugate gradient, F the Fisher matrix   (Appendix C)
+  5. scale to the trust region, beta = sqrt(2 delta / x^T F x)  (Appendix C)
+  6. backtracking line search: KLbar <= delta and L improves    (Appendix C)
+  7. fit the value function used by the next advantage estimate (GAE paper, Sec. 5)
+
+Every derivative is written by hand in network.py and checked against finite
+differences in test_trpo.py. No autodiff framework is used anywhere.
+
+References:
+  Schulman, Levine, Moritz, Jordan, Abbeel 2015. Trust Region Policy Optimization. arXiv:1502.05477
+  Schulman, Moritz, Levine, Jordan, Abbeel 2015. High-Dimensional Continuous Control Using
+      Generalized Advantage Estimation. arXiv:1506.02438
+  Kakade & Langford 2002. Approximately Optimal Approximate Reinforcement Learning.
+
+Run it:
+  python trpo_numpy.py                       # single path on LunarLander-v3, writes runs/single-seed0/
+  python trpo_numpy.py --seed 3 --max-kl 0.02
+  python trpo_numpy.py --help                # every option, with its paper symbol
+"""
+
+import os
+
+# The matrices here are tiny (a few thousand rows, 64 columns): BLAS threads only add
+# overhead, and several processes each spawning threads on 2 cores ran 12x slower.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from network import MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, sample, softmax
+
+
+class UserError(Exception):
+    """Something the user can fix (a bad option, an unknown env): reported in one sentence, exit code 2."""
+
+
+# Evaluation episodes reset with seeds from here on; training seeds its environments
+# below TRAIN_SEED_LIMIT, so the two never share a start state by seed.
+TRAIN_SEED_LIMIT = 2 ** 31
+EVAL_SEED_BASE = 2 ** 31
+
+
+# ----------------------------------------------------------------------------
+# Hyperparameters: one place, each with its paper symbol. --help is built from these.
+# ----------------------------------------------------------------------------
+
+def option(default, help, **extra):
+    """A Config field carrying its --help text (and optional argparse settings)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class Config:
+    scheme: str = option("single", "sampling scheme: 'single' path (TRPO Sec. 5.1)",
+                         choices=["single"])
+    env: str = option("LunarLander-v3", "Gymnasium environment id; needs a Box observation and a Discrete action space")
+    seed: int = option(0, "random seed for networks, action sampling and environment resets; "
+                          "the same seed gives the same run, to the bit, on the same machine")
+    total_steps: int = option(1_000_000, "environment steps to train for (trunk steps, summed over all environments)")
+    num_envs: int = option(8, "environments sampled side by side; the policy runs one batched forward pass for all")
+    steps_per_env: int = option(512, "steps per environment per iteration; batch size = num_envs * steps_per_env")
+    hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
+                                     "('--hidden 16 16' is the request notebook's 8-16-16-4 policy)", nargs="+")
+    max_kl: float = option(0.01, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12)")
+    damping: float = option(0.1, "lambda, added to the Fisher matrix (F + lambda I) so conjugate gradient stays "
+                                 "well conditioned; raise it if steps often fail the line search")
+    fisher_subsample: int = option(1, "use every k-th state of the batch in Fisher-vector products: k times "
+                                      "cheaper conjugate gradient, a noisier F (baselines uses 5); the KL check "
+                                      "of the line search always uses every state")
+    cg_iters: int = option(10, "conjugate-gradient iterations to solve F x = g (Appendix C); about 10 is enough")
+    backtrack_coeff: float = option(0.8, "alpha, the line search shrinks the step by this factor each backtrack")
+    max_backtracks: int = option(10, "line-search attempts before keeping theta_old")
+    gamma: float = option(0.99, "gamma, the discount factor")
+    lam: float = option(0.97, "lambda of GAE(gamma, lambda) (GAE paper Eq. 16); 1 is Monte Carlo, 0 is TD(0)")
+    advantage: str = option("gae", "advantage estimator: 'gae' (GAE(lambda) with a learned value function) or "
+                                   "'mc' (discounted return-to-go minus the value baseline, as TRPO Sec. 5.1)",
+                            choices=["gae", "mc"])
+    normalize_advantages: bool = option(True, "rescale each batch's advantages to mean 0, std 1 (the step is "
+                                              "scaled to the trust region anyway; this only fixes the baseline)")
+    vf_lr: float = option(1e-3, "Adam learning rate of the value network")
+    vf_epochs: int = option(5, "passes over the batch when fitting the value network each iteration")
+    vf_minibatch: int = option(256, "minibatch size of the value-network fit")
+    out: str = option("", "output folder for progress.csv, config.json, policy.npz and plots "
+                          "(default runs/<scheme>-seed<seed>)")
+
+    @property
+    def batch_size(self):
+        return self.num_envs * self.steps_per_env
+
+    def out_dir(self):
+        return self.out or os.path.join("runs", f"{self.scheme}-seed{self.seed}")
+
+    def validate(self):
+        """Raise UserError, in one sentence, for any value the algorithm cannot run with."""
+        positive = ["total_steps", "num_envs", "steps_per_env", "max_kl", "fisher_subsample", "cg_iters", "max_backtracks",
+                    "vf_lr", "vf_epochs", "vf_minibatch"]
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if not self.damping >= 0:
+            raise UserError(f"--damping must be zero or positive, got {self.damping}.")
+        if not 0 < self.gamma <= 1:
+            raise UserError(f"--gamma must be in (0, 1], got {self.gamma}.")
+        if not 0 <= self.lam <= 1:
+            raise UserError(f"--lam must be in [0, 1], got {self.lam}.")
+        if not 0 < self.backtrack_coeff < 1:
+            raise UserError(f"--backtrack-coeff must be in (0, 1), got {self.backtrack_coeff}.")
+        if not self.hidden or any(n < 1 for n in self.hidden):
+            raise UserError(f"--hidden needs one or more positive layer sizes, got {list(self.hidden)}.")
+
+
+# ----------------------------------------------------------------------------
+# Environments
+# ----------------------------------------------------------------------------
+
+def make_env(env_id):
+    """gym.make with the errors a user can cause turned into one sentence.
+
+    The policy is categorical over a Discrete action space and the networks take a
+    flat Box observation; anything else is refused here rather than deep inside."""
+    import gymnasium as gym
+    try:
+        env = gym.make(env_id)
+    except gym.error.DependencyNotInstalled as e:
+        raise UserError(f"environment '{env_id}' needs a package that is not installed: {e}") from None
+    except gym.error.Error as e:
+        raise UserError(f"unknown environment '{env_id}' ({e}).") from None
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        raise UserError(f"environment '{env_id}' has a {type(env.action_space).__name__} action space; "
+                        "this TRPO's categorical policy needs a Discrete one.")
+    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
+                        "the networks need a flat Box observation.")
+    return env
+
+
+def env_dims(env):
+    """(observation size, number of actions) of an environment accepted by make_env."""
+    return env.observation_space.shape[0], int(env.action_space.n)
+
+
+# ----------------------------------------------------------------------------
+# 1. Sampling: the single-path scheme (TRPO Sec. 5.1)
+# ----------------------------------------------------------------------------
+
+class SinglePathSampler:
+    """Runs `num_envs` environments side by side under pi_old and records their transitions.
+
+    Episodes carry over from one batch to the next: an episode cut by the end of a
+    batch is continued in the next one, and its value bootstrap covers the cut.
+    Each environment is seeded once, from the run's generator; its later episodes
+    follow from its own seeded random state, so a run is reproducible from --seed.
+    """
+
+    def __init__(self, envs, rng):
+        self.envs = envs
+        self.obs = np.array([env.reset(seed=int(rng.integers(TRAIN_SEED_LIMIT)))[0] for env in envs],
+                            dtype=np.float64)
+        self.episode_return = np.zeros(len(envs))
+        self.episode_length = np.zeros(len(envs), dtype=np.int64)
+        self.finished_returns = []  # returns of every training episode finished so far, in order
+
+    def sample(self, net, theta, steps, rng):
+        """Step every environment `steps` times under pi_theta. Returns a dict of (T, E, ...) arrays.
+
+        `next_obs[t, e]` is the observation that really followed action t, the final one
+        when the episode ended there (before the reset): V(next_obs) is what a truncated
+        episode, or the batch's last step, bootstraps with.
+        """
+        E, D = self.obs.shape
+        batch = {
+            "obs": np.zeros((steps, E, D)),
+            "next_obs": np.zeros((steps, E, D)),
+            "actions": np.zeros((steps, E), dtype=np.int64),
+            "logits": None,
+            "rewards": np.zeros((steps, E)),
+            "terminated": np.zeros((steps, E), dtype=bool),
+            "truncated": np.zeros((steps, E), dtype=bool),
+        }
+        logits_steps = []
+        for t in range(steps):
+            logits, _ = net.forward(theta, self.obs)  # (E, A): ONE forward pass for all environments
+            actions = sample(logits, rng)
+            batch["obs"][t] = self.obs
+            batch["actions"][t] = actions
+            logits_steps.append(logits)
+            for e, env in enumerate(self.envs):
+                obs, reward, terminated, truncated, _ = env.step(int(actions[e]))
+                batch["rewards"][t, e] = reward
+                batch["next_obs"][t, e] = obs
+                self.episode_return[e] += reward
+                self.episode_length[e] += 1
+                if terminated or truncated:
+                    batch["terminated"][t, e] = terminated
+                    batch["truncated"][t, e] = truncated
+                    self.finished_returns.append(self.episode_return[e])
+                    self.episode_return[e] = 0.0
+                    self.episode_length[e] = 0
+                    obs, _ = env.reset()
+                self.obs[e] = obs
+        batch["logits"] = np.array(logits_steps)  # (T, E, A), pi_old's logits at every state
+        return batch
+
+
+# ----------------------------------------------------------------------------
+# 2. Advantages
+# ----------------------------------------------------------------------------
+
+def gae(rewards, values, next_values, terminated, truncated, gamma, lam):
+    """Generalized advantage estimation, GAE paper Eq. (16), on (T, E) arrays:
+
+        delta_t = r_t + gamma * V(s_{t+1}) * (1 - terminated_t) - V(s_t)
+        A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1},   done = terminated or truncated
+
+    `terminated` means the task ended: there is no future reward, bootstrap with 0.
+    `truncated` means a time limit stopped it: the future still exists, so delta
+    bootstraps with V(final observation), and only the sum over later deltas stops.
+    The last step of the batch bootstraps with V(next_obs) the same way.
+    """
+    advantages = np.zeros_like(rewards)
+    next_advantage = np.zeros(rewards.shape[1:])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_values[t] * ~terminated[t] - values[t]
+        continues = ~(terminated[t] | truncated[t])
+        next_advantage = delta + gamma * lam * continues * next_advantage
+        advantages[t] = next_advantage
+    return advantages
+
+
+def discounted_returns(rewards, next_values, terminated, truncated, gamma):
+    """Monte-Carlo return-to-go Q_t = sum_l gamma^l r_{t+l} over the rest of the episode (TRPO Sec. 5.1).
+
+    Where the episode goes on past what we saw (a time-limit truncation, or the end
+    of the batch) the tail is estimated by gamma * V(next_obs); after a terminated
+    step there is no tail. With a value baseline, Q_t - V(s_t) equals GAE with lam = 1.
+    """
+    returns = np.zeros_like(rewards)
+    next_return = next_values[-1]  # the episode continues past the batch: bootstrap
+    for t in reversed(range(len(rewards))):
+        ended = terminated[t] | truncated[t]
+        tail = np.where(ended, next_values[t], next_return)  # an episode ending here: its own bootstrap
+        returns[t] = rewards[t] + gamma * tail * ~terminated[t]
+        next_return = returns[t]
+    return returns
+
+
+def estimate_advantages(batch, value_fn, cfg):
+    """Advantages A_t and value targets for the batch, flattened to (T * E,).
+
+    Returns (advantages, value_targets, values) where values = V(s_t) before this batch's fit."""
+    T, E, D = batch["obs"].shape
+    values = value_fn.predict(batch["obs"].reshape(-1, D)).reshape(T, E)
+    next_values = value_fn.predict(batch["next_obs"].reshape(-1, D)).reshape(T, E)
+    if cfg.advantage == "gae":
+        advantages = gae(batch["rewards"], values, next_values, batch["terminated"], batch["truncated"],
+                         cfg.gamma, cfg.lam)
+        targets = advantages + values  # the lambda-return, GAE paper Sec. 5
+    else:
+        targets = discounted_returns(batch["rewards"], next_values, batch["terminated"], batch["truncated"],
+                                     cfg.gamma)
+        advantages = targets - values
+    return advantages.ravel(), targets.ravel(), values.ravel()
+
+
+# ----------------------------------------------------------------------------
+# 3. The surrogate objective (Eq. 14) and the mean KL (Eq. 12)
+# ----------------------------------------------------------------------------
+
+def surrogate(logits, actions, logp_old, advantages):
+    """Single-path surrogate of Eq. (14) with q = pi_old:  L(theta) = mean_i [pi_theta(a_i|s_i) / pi_old(a_i|s_i) * A_i].
+
+    Returns (L, dL/dlogits). The gradient through the softmax is
+    dL/dz_i = ratio_i * A_i * (onehot(a_i) - p_i) / N, since d log p_a / dz = onehot(a) - p.
+    At theta = theta_old the ratio is 1 and this is the policy gradient."""
+    N = len(actions)
+    ratio = np.exp(log_prob(logits, actions) - logp_old)
+    grad = -softmax(logits)
+    grad[np.arange(N), actions] += 1.0
+    grad *= (ratio * advantages / N)[:, None]
+    return np.mean(ratio * advantages), grad
+
+
+def mean_kl(logits_old, logits_new):
+    """KLbar(theta_old, theta) = mean_i KL(pi_old(.|s_i) || pi_theta(.|s_i)), the constraint of Eq. (12)."""
+    return np.mean(kl(logits_old, logits_new))
+
+
+# ----------------------------------------------------------------------------
+# 4.-6. The step: conjugate gradient, maximal step, line search (Appendix C)
+# ----------------------------------------------------------------------------
+
+def fisher_vector_product(net, theta, cache, probs, v, damping):
+    """(F + damping I) v without forming F (Appendix C).
+
+    F = (1/N) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i is the Hessian of KLbar at theta_old,
+    J_i = dz_i/dtheta. Three passes over the batch:
+      u = J v            forward-mode pass (net.jvp)                 # (N, A)
+      w = (diag p - p p^T) u, row by row                               # (N, A)
+      F v = J^T w / N    one ordinary backward pass (net.backward)    # (num_params,)
+    """
+    u = net.jvp(theta, cache, v)
+    w = categorical_fisher_product(probs, u)
+    return net.backward(theta, cache, w) / len(probs) + damping * v
+
+
+def conjugate_gradient(matrix_vector_product, b, iters, residual_tol=1e-10):
+    """Solve A x = b for symmetric positive-definite A given only x -> A x (Nocedal & Wright, Alg. 5.2).
+
+    Stops early when the residual is tiny, or when p^T A p is not positive (A should be
+    positive definite; numerical trouble must not divide by ~0 or flip the direction)."""
+    x = np.zeros_like(b)
+    r = b.copy()  # residual; should be b - A x, but x = 0
+    p = r.copy()  # search direction
+    r_dot_r = r @ r
+    for _ in range(iters):
+        Ap = matrix_vector_product(p)
+        p_Ap = p @ Ap
+        if not p_Ap > 1e-12 * (p @ p):
+            break
+        alpha = r_dot_r / p_Ap
+        x += alpha * p
+        r -= alpha * Ap
+        new_r_dot_r = r @ r
+        if new_r_dot_r < residual_tol:
+            break
+        p = r + (new_r_dot_r / r_dot_r) * p
+        r_dot_r = new_r_dot_r
+    return x
+
+
+def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_backtracks):
+    """Backtracking line search on the nonlinear problem (Appendix C).
+
+    `evaluate(theta)` returns (L(theta) - L(theta_old), KLbar(theta_old, theta)). Try
+    theta_old + alpha^k * full_step for k = 0, 1, ...; accept the first step whose mean
+    KL is at most delta (never above: no slack) and whose surrogate improves.
+    Returns (success, theta, improvement, kl, backtracks). On failure theta is
+    theta_old itself, not the last rejected try.
+    """
+    for k in range(max_backtracks):
+        theta = theta_old + backtrack_coeff ** k * full_step
+        improvement, kl_reached = evaluate(theta)
+        if kl_reached <= max_kl and improvement > 0:
+            return True, theta, improvement, kl_reached, k
+    return False, theta_old, 0.0, 0.0, max_backtracks
+
+
+def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
+    """One TRPO policy update (Algorithm 1, solved as in Appendix C). Shared by every sampling scheme.
+
+    `surrogate_of_logits(logits)` returns (L, dL/dlogits) for the scheme's surrogate
+    on `states`. In the code's symbols:
+      1. g = dL/dtheta at theta_old (backprop of dL/dz)
+      2. x = F^-1 g by conjugate gradient, F the Fisher (= Hessian of KLbar) at theta_old
+      3. beta = sqrt(2 delta / x^T F x), the largest step with quadratic KL model = delta
+      4. full_step = beta x; first-order predicted improvement g . full_step
+      5. line search: shrink until KLbar <= delta and L improves; else keep theta_old
+    Returns (theta_new, info) with the diagnostics the log line shows.
+    """
+    logits_old, cache = net.forward(theta_old, states)
+    probs_old = softmax(logits_old)
+    L_old, dL_dlogits = surrogate_of_logits(logits_old)
+    info = {"kl": 0.0, "backtracks": 0, "expected_improve": 0.0, "actual_improve": 0.0, "accepted": False,
+            "entropy": float(np.mean(entropy(logits_old)))}
+
+    # 1. the policy gradient
+    g = net.backward(theta_old, cache, dL_dlogits)
+    if not np.all(np.isfinite(g)) or not np.any(g):
+        info["skipped"] = "gradient is zero or not finite"
+        return theta_old, info
+
+    # 2. natural gradient direction x = F^-1 g, F estimated on every k-th state
+    fisher_states = states[::cfg.fisher_subsample]
+    fisher_cache = net.forward(theta_old, fisher_states)[1] if cfg.fisher_subsample > 1 else cache
+    fisher_probs = probs_old[::cfg.fisher_subsample]
+
+    def Fvp(v):
+        return fisher_vector_product(net, theta_old, fisher_cache, fisher_probs, v, cfg.damping)
+    x = conjugate_gradient(Fvp, g, cfg.cg_iters)
+
+    # 3. step size from the quadratic model of the KL: 1/2 (beta x)^T F (beta x) = delta
+    x_F_x = x @ Fvp(x)
+    if not (np.all(np.isfinite(x)) and np.isfinite(x_F_x) and x_F_x > 0):
+        info["skipped"] = "conjugate gradient gave a non-finite or non-positive x^T F x"
+        return theta_old, info
+    beta = np.sqrt(2 * cfg.max_kl / x_F_x)
+
+    # 4. the full step and the improvement a linear model of L predicts for it
+    full_step = beta * x
+    expected = g @ full_step
+
+    # 5. backtracking line search on the true surrogate and KL
+    def evaluate(theta):
+        logits = net.forward(theta, states)[0]
+        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits)
+    ok, theta_new, improvement, kl_reached, backtracks = line_search(
+        evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks)
+    info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
+                expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
+    if not ok:
+        info["skipped"] = "line search failed, keeping old parameters"
+    return theta_new, info
+
+
+# ----------------------------------------------------------------------------
+# 7. The value function
+# ----------------------------------------------------------------------------
+
+class ValueFunction:
+    """V(s) = mean + std * V_phi(s): a tanh MLP fitted to standardised value targets.
+
+    Returns on LunarLander are hundreds of units; Adam moves each weight by about
+    its learning rate per step whatever the gradient's scale, so a network asked to
+    output -100 directly takes thousands of steps to get there (the explained
+    variance stays near 0). Fitting (target - mean) / std instead, and rescaling the
+    output layer whenever mean and std change so that every prediction stays exactly
+    the same (the "preserving outputs" half of PopArt, van Hasselt et al. 2016),
+    keeps the regression at unit scale for any environment's rewards.
+    """
+
+    def __init__(self, net, rng, lr):
+        self.net = net
+        self.phi = net.init(rng, output_gain=1.0)
+        self.adam = Adam(net.num_params, lr=lr)
+        self.mean, self.std = 0.0, 1.0
+
+    def predict(self, states):
+        """V(s) for a batch of states, shape (N,)."""
+        return self.mean + self.std * self.net.forward(self.phi, states)[0][:, 0]
+
+    def set_target_scale(self, mean, std):
+        """Change (mean, std) without changing any prediction: rescale the output layer's W and b."""
+        W, b = self.net.unflatten(self.phi)[-1]
+        W *= self.std / std
+        b[:] = (self.std * b + self.mean - mean) / std
+        self.mean, self.std = mean, std
+
+    def fit(self, states, targets, epochs, minibatch, rng):
+        """Regress V on the value targets by minibatch Adam on the mean squared error.
+
+        The GAE paper (Sec. 5) fits V to the lambda-returns each iteration; any
+        regression works, and a few epochs of Adam are simple and fast. Returns the
+        final mean squared error in the targets' own units."""
+        self.set_target_scale(float(targets.mean()), max(float(targets.std()), 1e-8))
+        scaled = (targets - self.mean) / self.std
+        N = len(states)
+        for _ in range(epochs):
+            order = rng.permutation(N)
+            for start in range(0, N, minibatch):
+                idx = order[start:start + minibatch]
+                prediction, cache = self.net.forward(self.phi, states[idx])
+                error = prediction[:, 0] - scaled[idx]
+                # d/dV of mean (V - y)^2 is 2 (V - y) / n
+                grad = self.net.backward(self.phi, cache, (2.0 / len(idx)) * error[:, None])
+                self.phi = self.adam.step(self.phi, grad)
+        return float(np.mean((self.predict(states) - targets) ** 2))
+
+
+def explained_variance(prediction, target):
+    """1 - Var(target - prediction) / Var(target): 1 is perfect, 0 no better than the mean."""
+    var = np.var(target)
+    return float(1 - np.var(target - prediction) / var) if var > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+
+def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, seed_base=EVAL_SEED_BASE):
+    """Returns of `episodes` episodes under pi_theta, each reset with its own seed from seed_base on.
+
+    greedy=True takes the most likely action; otherwise actions are sampled with rng."""
+    env = make_env(env_id)
+    returns = np.zeros(episodes)
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed_base + k)
+        done = False
+        while not done:
+            logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
+            action = int(np.argmax(logits[0])) if greedy else int(sample(logits, rng)[0])
+            obs, reward, terminated, truncated, _ = env.step(action)
+            returns[k] += reward
+            done = terminated or truncated
+    env.close()
+    return returns
+
+
+# ----------------------------------------------------------------------------
+# Outputs: progress.csv, config.json, policy.npz, plots
+# ----------------------------------------------------------------------------
+
+PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "accepted",
+                    "expected_improve", "actual_improve", "entropy", "value_loss", "explained_variance",
+                    "steps_per_s", "wall_s"]
+
+
+def prepare_out_dir(path):
+    """Create the output folder and prove it is writable now, before any training time is spent."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder '{path}': {e.strerror or e}.") from None
+
+
+def save_policy(path, net, theta, cfg):
+    """Weights and the architecture they belong to, loadable with np.load."""
+    np.savez(path, theta=theta, sizes=np.array(net.sizes), env=cfg.env)
+
+
+def save_plots(history, out_dir, cfg):
+    """learning_curve.png (rolling return vs env steps) and diagnostics.png (KL, backtracks, entropy, ratio)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col = {k: np.array([row[k] for row in history], dtype=np.float64) for k in PROGRESS_COLUMNS}
+    steps = col["env_steps"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, col["rolling_return"], label=f"{cfg.scheme} path, seed {cfg.seed}")
+    ax.axhline(200, color="gray", linestyle="--", label="solved (200)")
+    ax.set(xlabel="environment steps", ylabel="mean return of last 100 episodes", title=f"TRPO on {cfg.env}")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "learning_curve.png"), dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    axes[0, 0].plot(steps, col["kl"], label="KL reached")
+    axes[0, 0].axhline(cfg.max_kl, color="red", linestyle="--", label="delta")
+    axes[0, 0].set(ylabel="mean KL(old || new)")
+    axes[0, 0].legend()
+    axes[0, 1].plot(steps, col["backtracks"], ".")
+    axes[0, 1].set(ylabel="line-search backtracks")
+    axes[1, 0].plot(steps, col["entropy"])
+    axes[1, 0].set(ylabel="policy entropy (nats)", xlabel="environment steps")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = col["actual_improve"] / col["expected_improve"]
+    axes[1, 1].plot(steps, ratio, ".")
+    axes[1, 1].axhline(1.0, color="gray", linestyle="--")
+    axes[1, 1].set(ylabel="actual / expected improvement", xlabel="environment steps")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"TRPO diagnostics, {cfg.env}, seed {cfg.seed}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "diagnostics.png"), dpi=100)
+    plt.close(fig)
+
+
+def format_log_line(row):
+    """One line per iteration: what a student watches to see TRPO work."""
+    return (f"it {row['iteration']:4d} | steps {row['env_steps']:9,d} | return {row['rolling_return']:7.1f} "
+            f"({row['episodes']} ep) | kl {row['kl']:.4f} | backtracks {row['backtracks']} | "
+            f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
+            f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
+            f"{row['steps_per_s']:,.0f} steps/s")
+
+
+# ----------------------------------------------------------------------------
+# The training loop (Algorithm 1)
+# ----------------------------------------------------------------------------
+
+def train(cfg, verbose=True):
+    """Train a policy with TRPO; write progress.csv, config.json, policy.npz and plots to cfg.out_dir().
+
+    Returns (policy_net, theta, history) where history holds one dict per iteration."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    out_dir = cfg.out_dir()
+    prepare_out_dir(out_dir)
+    rng = np.random.default_rng(cfg.seed)
+    envs = [make_env(cfg.env) for _ in range(cfg.num_envs)]
+    obs_dim, num_actions = env_dims(envs[0])
+
+    policy_net = MLP([obs_dim, *cfg.hidden, num_actions])
+    theta = policy_net.init(rng, output_gain=0.01)
+    value_fn = ValueFunction(MLP([obs_dim, *cfg.hidden, 1]), rng, lr=cfg.vf_lr)
+    sampler = SinglePathSampler(envs, rng)
+
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    csv_file = open(os.path.join(out_dir, "progress.csv"), "w", newline="")
+    writer = csv.DictWriter(csv_file, fieldnames=PROGRESS_COLUMNS)
+    writer.writeheader()
+
+    history = []
+    env_steps = 0
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.total_steps, unit="step", unit_scale=True, disable=not verbose, file=sys.stderr)
+    try:
+        iteration = 0
+        while env_steps < cfg.total_steps:
+            iteration += 1
+            t0 = time.perf_counter()
+            # 1. sample with pi_old
+            batch = sampler.sample(policy_net, theta, cfg.steps_per_env, rng)
+            env_steps += cfg.batch_size
+            states = batch["obs"].reshape(cfg.batch_size, obs_dim)
+            actions = batch["actions"].ravel()
+            logp_old = log_prob(batch["logits"].reshape(cfg.batch_size, num_actions), actions)
+
+            # 2. advantages
+            advantages, value_targets, values = estimate_advantages(batch, value_fn, cfg)
+            if cfg.normalize_advantages:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+            # 3.-6. the trust-region step on the surrogate of Eq. (14)
+            def surrogate_of_logits(logits):
+                return surrogate(logits, actions, logp_old, advantages)
+            theta, step = trpo_step(policy_net, theta, states, surrogate_of_logits, cfg)
+
+            # 7. refit the value function for the next iteration's advantages
+            value_loss = value_fn.fit(states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, rng)
+
+            recent = sampler.finished_returns[-100:]
+            row = {
+                "iteration": iteration,
+                "env_steps": env_steps,
+                "rolling_return": float(np.mean(recent)) if recent else float("nan"),
+                "episodes": len(sampler.finished_returns),
+                "kl": step["kl"],
+                "backtracks": step["backtracks"],
+                "accepted": int(step["accepted"]),
+                "expected_improve": step["expected_improve"],
+                "actual_improve": step["actual_improve"],
+                "entropy": step["entropy"],
+                "value_loss": value_loss,
+                "explained_variance": explained_variance(values, value_targets),
+                "steps_per_s": cfg.batch_size / (time.perf_counter() - t0),
+                "wall_s": time.perf_counter() - start,
+            }
+            history.append(row)
+            writer.writerow(row)
+            csv_file.flush()
+            bar.update(cfg.batch_size)
+            bar.set_postfix(ret=f"{row['rolling_return']:.1f}")
+            if verbose:
+                line = format_log_line(row)
+                if "skipped" in step:
+                    line += f" | step skipped: {step['skipped']}"
+                tqdm.write(line)
+    finally:
+        bar.close()
+        csv_file.close()
+        for env in envs:
+            env.close()
+        # Whatever stopped the loop, the weights and plots of the iterations done are kept.
+        save_policy(os.path.join(out_dir, "policy.npz"), policy_net, theta, cfg)
+        if history:
+            save_plots(history, out_dir, cfg)
+    return policy_net, theta, history
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option ends with one sentence on stderr and exit code 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help).\n")
+
+
+def positive_or_number(kind):
+    """argparse type: a number of the given kind, with a one-sentence error for anything else."""
+    def convert(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}")
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def build_parser():
+    """The command line, generated from Config so that --help and the defaults cannot drift apart."""
+    parser = ArgumentParser(description="Trust Region Policy Optimization (Schulman et al. 2015) in plain NumPy.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+        elif f.type in ("tuple", tuple):
+            parser.add_argument(flag, type=positive_or_number(int), default=f.default, help=help_text, **meta)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            convert = positive_or_number(kind) if kind in (int, float) else kind
+            parser.add_argument(flag, type=convert, default=f.default, help=help_text, **meta)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    try:
+        _, _, history = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: progress, policy and plots so far are in {cfg.out_dir()}", file=sys.stderr)
+        return 130
+    print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
+          f"outputs in {cfg.out_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
