@@ -1,0 +1,472 @@
+"""test_trpo.py: every derivative and every piece of TRPO checked against an independent reference.
+
+References used here: central finite differences (network.numerical_gradient),
+explicit matrices built sample by sample, np.linalg.solve, trajectories worked
+out by hand, and plain loops. No autodiff framework.
+
+Run:  python -m pytest -q test_trpo.py
+"""
+
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import trpo_numpy as T
+from network import (MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, log_softmax,
+                     numerical_gradient, relative_error, sample, softmax)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def small_net(rng):
+    """Two hidden layers so every path of backward and jvp (first, middle, output layer) is exercised."""
+    net = MLP([3, 5, 4, 3])
+    theta = net.init(rng, output_gain=0.5) + 0.1 * rng.standard_normal(net.num_params)
+    x = rng.standard_normal((6, 3))
+    return net, theta, x
+
+
+# ----------------------------------------------------------------------------
+# network.py: the MLP's derivatives
+# ----------------------------------------------------------------------------
+
+def test_flatten_and_unflatten_are_inverse(small_net):
+    net, theta, _ = small_net
+    assert np.array_equal(net.flatten(net.unflatten(theta)), theta)
+    layers = net.unflatten(theta)
+    assert [W.shape for W, _ in layers] == [(3, 5), (5, 4), (4, 3)]
+    layers[1][1][0] = 42.0  # unflatten returns views into theta
+    assert 42.0 in theta
+
+
+def test_forward_matches_plain_formula(small_net):
+    net, theta, x = small_net
+    (W1, b1), (W2, b2), (W3, b3) = net.unflatten(theta)
+    expected = np.tanh(np.tanh(x @ W1 + b1) @ W2 + b2) @ W3 + b3
+    y, cache = net.forward(theta, x)
+    assert np.allclose(y, expected, rtol=1e-14, atol=1e-14)
+    assert len(cache) == 3 and cache[0] is x
+
+
+def test_backward_matches_finite_differences(small_net, rng):
+    net, theta, x = small_net
+    grad_y = rng.standard_normal((len(x), 3))
+    _, cache = net.forward(theta, x)
+    analytic = net.backward(theta, cache, grad_y)
+    numeric = numerical_gradient(lambda th: np.sum(net.forward(th, x)[0] * grad_y), theta)
+    assert relative_error(analytic, numeric) < 1e-6
+
+
+def test_jvp_matches_finite_differences(small_net, rng):
+    net, theta, x = small_net
+    v = rng.standard_normal(net.num_params)
+    _, cache = net.forward(theta, x)
+    analytic = net.jvp(theta, cache, v)
+    jacobian = numerical_gradient(lambda th: net.forward(th, x)[0], theta)  # (P, N, A)
+    numeric = np.einsum("pna,p->na", jacobian, v)
+    assert analytic.shape == (len(x), 3)
+    assert relative_error(analytic, numeric) < 1e-6
+
+
+def test_backward_is_the_transpose_of_jvp(small_net, rng):
+    # <J v, w> = <v, J^T w> for any v, w: the two passes are adjoint.
+    net, theta, x = small_net
+    v, w = rng.standard_normal(net.num_params), rng.standard_normal((len(x), 3))
+    _, cache = net.forward(theta, x)
+    assert np.isclose(np.sum(net.jvp(theta, cache, v) * w), v @ net.backward(theta, cache, w), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# network.py: categorical distributions
+# ----------------------------------------------------------------------------
+
+def test_categorical_helpers_match_definitions(rng):
+    z = rng.standard_normal((5, 4)) * 3
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    assert np.allclose(softmax(z), p, rtol=1e-13)
+    assert np.allclose(log_softmax(z + 1000.0), np.log(p), rtol=1e-12)  # stable for huge logits
+    actions = np.array([0, 3, 1, 2, 2])
+    assert np.allclose(log_prob(z, actions), np.log(p[np.arange(5), actions]), rtol=1e-12)
+    assert np.allclose(entropy(z), -(p * np.log(p)).sum(axis=1), rtol=1e-12)
+    z2 = rng.standard_normal((5, 4))
+    q = softmax(z2)
+    assert np.allclose(kl(z, z2), (p * np.log(p / q)).sum(axis=1), rtol=1e-12)
+
+
+def test_kl_of_a_policy_with_itself_is_zero(small_net):
+    net, theta, x = small_net
+    logits = net.forward(theta, x)[0]
+    assert np.all(np.abs(kl(logits, logits)) < 1e-15)
+    assert T.mean_kl(logits, logits) == 0.0
+    assert T.mean_kl(logits, net.forward(theta * 1.1, x)[0]) > 0
+
+
+def test_kl_direction_is_old_to_new():
+    # KL is not symmetric; the constraint is KL(pi_old || pi_new) (Eq. 12), old first.
+    z_old, z_new = np.log([[0.7, 0.2, 0.1]]), np.log([[0.1, 0.3, 0.6]])
+    by_hand = 0.7 * np.log(0.7 / 0.1) + 0.2 * np.log(0.2 / 0.3) + 0.1 * np.log(0.1 / 0.6)
+    assert np.isclose(kl(z_old, z_new)[0], by_hand, rtol=1e-12)
+    assert not np.isclose(kl(z_new, z_old)[0], by_hand)
+
+
+def test_sample_follows_the_probabilities_within_4_sigma(rng):
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    n = 40_000
+    draws = sample(np.tile(np.log(p), (n, 1)), rng)
+    counts = np.bincount(draws, minlength=4)
+    sigma = np.sqrt(n * p * (1 - p))
+    assert np.all(np.abs(counts - n * p) < 4 * sigma)
+
+
+def test_categorical_fisher_is_the_hessian_of_kl_in_logit_space(rng):
+    z_old = rng.standard_normal((1, 4))
+    p = softmax(z_old)[0]
+    hessian = numerical_gradient(
+        lambda z: numerical_gradient(lambda z2: kl(z_old, z2[None])[0], z, eps=1e-4), z_old[0], eps=1e-4)
+    assert np.allclose(hessian, np.diag(p) - np.outer(p, p), atol=1e-7)
+    u = rng.standard_normal((1, 4))
+    assert np.allclose(categorical_fisher_product(p[None], u)[0], (np.diag(p) - np.outer(p, p)) @ u[0],
+                       rtol=1e-13)
+
+
+def test_adam_minimises_a_quadratic():
+    target = np.array([1.0, -2.0, 3.0])
+    adam, x = Adam(3, lr=0.05), np.zeros(3)
+    for _ in range(2000):
+        x = adam.step(x, 2 * (x - target))
+    assert np.allclose(x, target, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# The Fisher-vector product (Appendix C)
+# ----------------------------------------------------------------------------
+
+def explicit_fisher(net, theta, x):
+    """F = mean_i J_i^T (diag(p_i) - p_i p_i^T) J_i, with each J_i from finite differences."""
+    jacobian = numerical_gradient(lambda th: net.forward(th, x)[0], theta)  # (P, N, A)
+    p = softmax(net.forward(theta, x)[0])
+    F = np.zeros((net.num_params, net.num_params))
+    for i in range(len(x)):
+        J = jacobian[:, i, :].T  # (A, P)
+        F += J.T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ J
+    return F / len(x)
+
+
+def test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian(small_net, rng):
+    net, theta, x = small_net
+    logits_old, cache = net.forward(theta, x)
+    probs = softmax(logits_old)
+    F = explicit_fisher(net, theta, x)
+    # The Hessian of KLbar(theta_old, theta) at theta_old, by second-order central differences.
+    hessian = numerical_gradient(
+        lambda th: numerical_gradient(lambda th2: T.mean_kl(logits_old, net.forward(th2, x)[0]), th, eps=1e-4),
+        theta, eps=1e-4)
+    assert relative_error(F, hessian) < 1e-5
+    damping = 0.1
+    for _ in range(3):
+        v = rng.standard_normal(net.num_params)
+        Fv = T.fisher_vector_product(net, theta, cache, probs, v, damping)
+        assert relative_error(Fv, F @ v + damping * v) < 1e-7
+        assert relative_error(Fv, hessian @ v + damping * v) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Conjugate gradient, the surrogate, the line search, the step
+# ----------------------------------------------------------------------------
+
+def test_conjugate_gradient_matches_linear_solve(rng):
+    M = rng.standard_normal((8, 8))
+    A = M @ M.T + 0.5 * np.eye(8)
+    b = rng.standard_normal(8)
+    x = T.conjugate_gradient(lambda v: A @ v, b, iters=50, residual_tol=1e-20)
+    assert relative_error(x, np.linalg.solve(A, b)) < 1e-8
+    # In exact arithmetic CG solves an n x n system in n steps; 10 is plenty for 8.
+    assert relative_error(T.conjugate_gradient(lambda v: A @ v, b, iters=10), np.linalg.solve(A, b)) < 1e-4
+
+
+def test_conjugate_gradient_stops_on_a_non_positive_curvature():
+    # An indefinite "Fisher" must not make CG divide by ~0 or return infinities.
+    A = np.diag([1.0, -1.0])
+    x = T.conjugate_gradient(lambda v: A @ v, np.array([1.0, 1.0]), iters=10)
+    assert np.all(np.isfinite(x))
+
+
+def random_policy_batch(net, theta, rng, n=50):
+    states = rng.standard_normal((n, net.sizes[0]))
+    logits = net.forward(theta, states)[0]
+    actions = sample(logits, rng)
+    return states, actions, log_prob(logits, actions), rng.standard_normal(n)
+
+
+def test_surrogate_gradient_matches_finite_differences(small_net, rng):
+    net, theta, _ = small_net
+    states, actions, logp_old, advantages = random_policy_batch(net, theta, rng)
+    # At theta_old (ratio 1) and away from it (ratio != 1) the gradient must be right.
+    for point in (theta, theta + 0.05 * rng.standard_normal(net.num_params)):
+        logits, cache = net.forward(point, states)
+        L, dL_dlogits = T.surrogate(logits, actions, logp_old, advantages)
+        analytic = net.backward(point, cache, dL_dlogits)
+        numeric = numerical_gradient(
+            lambda th: T.surrogate(net.forward(th, states)[0], actions, logp_old, advantages)[0], point)
+        assert relative_error(analytic, numeric) < 1e-6
+    assert np.isclose(T.surrogate(net.forward(theta, states)[0], actions, logp_old, advantages)[0],
+                      advantages.mean(), rtol=1e-12)  # ratio = 1 at theta_old
+
+
+def test_line_search_never_accepts_kl_above_delta():
+    # KL grows with the step; the full step would reach 4 delta.
+    delta, theta_old, full_step = 0.01, np.zeros(2), np.array([0.2, 0.0])
+
+    def evaluate(theta):
+        return theta[0], 4 * delta * (theta[0] / 0.2) ** 2
+
+    ok, theta, improvement, kl_reached, backtracks = T.line_search(evaluate, theta_old, full_step, delta, 0.8, 10)
+    assert ok and backtracks == 4  # 0.8^k * 2 <= 1 first at k = 4 (0.8^4 = 0.41)
+    assert kl_reached <= delta and evaluate(theta)[1] <= delta
+    assert np.allclose(theta, theta_old + 0.8 ** 4 * full_step)
+    # A KL a hair above delta is refused, even at the full step (no 1.5 delta slack).
+    ok, theta, *_ = T.line_search(lambda th: (1.0, delta * 1.0000001), theta_old, full_step, delta, 0.8, 10)
+    assert not ok
+
+
+def test_line_search_returns_theta_old_when_nothing_is_accepted():
+    theta_old = np.array([1.0, 2.0])
+    ok, theta, improvement, kl_reached, backtracks = T.line_search(
+        lambda th: (-1.0, 0.0), theta_old, np.array([0.5, 0.5]), 0.01, 0.8, 10)
+    assert not ok and backtracks == 10 and improvement == 0.0
+    assert np.array_equal(theta, theta_old)
+
+
+def test_trpo_step_stays_in_the_trust_region_and_improves(rng):
+    net = MLP([4, 8, 3])
+    theta = net.init(rng, output_gain=0.5)
+    states, actions, logp_old, advantages = random_policy_batch(net, theta, rng, n=200)
+    cfg = T.Config(max_kl=0.01, cg_iters=20, damping=1e-4)  # little damping: the quadratic model is the KL's
+
+    def surrogate_of_logits(logits):
+        return T.surrogate(logits, actions, logp_old, advantages)
+    theta_new, info = T.trpo_step(net, theta, states, surrogate_of_logits, cfg)
+    L_old = surrogate_of_logits(net.forward(theta, states)[0])[0]
+    L_new = surrogate_of_logits(net.forward(theta_new, states)[0])[0]
+    kl_new = T.mean_kl(net.forward(theta, states)[0], net.forward(theta_new, states)[0])
+    assert info["accepted"] and 0 < kl_new <= cfg.max_kl
+    assert np.isclose(info["kl"], kl_new) and np.isclose(info["actual_improve"], L_new - L_old)
+    assert L_new > L_old
+    # The quadratic model sets the step: the KL reached is near delta when nothing backtracks.
+    if info["backtracks"] == 0:
+        assert kl_new > 0.5 * cfg.max_kl
+
+
+def test_trpo_step_keeps_theta_old_on_a_non_finite_gradient(rng):
+    net = MLP([4, 8, 3])
+    theta = net.init(rng)
+    states, actions, logp_old, advantages = random_policy_batch(net, theta, rng)
+    advantages[3] = np.nan
+    theta_new, info = T.trpo_step(net, theta, states, lambda z: T.surrogate(z, actions, logp_old, advantages),
+                                  T.Config())
+    assert np.array_equal(theta_new, theta) and not info["accepted"] and "skipped" in info
+
+
+def test_fisher_subsample_uses_every_kth_state(small_net, rng):
+    net, theta, _ = small_net
+    states, actions, logp_old, advantages = random_policy_batch(net, theta, rng, n=60)
+    surrogate_of_logits = lambda z: T.surrogate(z, actions, logp_old, advantages)  # noqa: E731
+    a, info_a = T.trpo_step(net, theta, states, surrogate_of_logits, T.Config(fisher_subsample=1))
+    b, info_b = T.trpo_step(net, theta, states, surrogate_of_logits, T.Config(fisher_subsample=3))
+    assert info_a["accepted"] and info_b["accepted"]
+    assert info_a["kl"] <= 0.01 and info_b["kl"] <= 0.01
+    assert not np.allclose(a, b)  # the subsampled Fisher really is a different matrix
+
+
+# ----------------------------------------------------------------------------
+# Advantages: terminated vs truncated
+# ----------------------------------------------------------------------------
+
+# One environment, five steps: the first episode TERMINATES at t = 1 (no future), the second is
+# TRUNCATED by a time limit at t = 3 (the future exists: bootstrap with V(final obs) = 77), and the
+# batch is cut after t = 4 (bootstrap with V(next obs) = 66). next_values[1] = 99 is V of a terminal
+# observation and must be ignored.
+TRAJ = dict(
+    rewards=np.array([[1.0], [2.0], [3.0], [4.0], [5.0]]),
+    values=np.array([[10.0], [20.0], [30.0], [40.0], [50.0]]),
+    next_values=np.array([[20.0], [99.0], [40.0], [77.0], [66.0]]),
+    terminated=np.array([[False], [True], [False], [False], [False]]),
+    truncated=np.array([[False], [False], [False], [True], [False]]),
+)
+
+
+def test_gae_on_a_hand_computed_trajectory():
+    gamma, lam = 0.9, 0.8
+    # deltas: d0 = 1 + .9*20 - 10 = 9;  d1 = 2 - 20 = -18 (terminated: no bootstrap);
+    # d2 = 3 + .9*40 - 30 = 9;  d3 = 4 + .9*77 - 40 = 33.3 (truncated: bootstrap);  d4 = 5 + .9*66 - 50 = 14.4
+    # A4 = 14.4;  A3 = 33.3 (episode ends: no later deltas);  A2 = 9 + .72*33.3 = 32.976;
+    # A1 = -18;  A0 = 9 + .72*(-18) = -3.96
+    expected = np.array([[-3.96], [-18.0], [32.976], [33.3], [14.4]])
+    t = TRAJ
+    got = T.gae(t["rewards"], t["values"], t["next_values"], t["terminated"], t["truncated"], gamma, lam)
+    assert np.allclose(got, expected, rtol=1e-12)
+
+
+def test_monte_carlo_returns_on_a_hand_computed_trajectory():
+    # G4 = 5 + .9*66 = 64.4 (batch cut);  G3 = 4 + .9*77 = 73.3 (truncated);  G2 = 3 + .9*73.3 = 68.97;
+    # G1 = 2 (terminated);  G0 = 1 + .9*2 = 2.8
+    expected = np.array([[2.8], [2.0], [68.97], [73.3], [64.4]])
+    t = TRAJ
+    got = T.discounted_returns(t["rewards"], t["next_values"], t["terminated"], t["truncated"], 0.9)
+    assert np.allclose(got, expected, rtol=1e-12)
+
+
+def test_gae_matches_a_plain_loop_and_lambda_one_is_monte_carlo(rng):
+    steps, envs, gamma, lam = 40, 3, 0.95, 0.9
+    r, v, nv = rng.standard_normal((steps, envs)), rng.standard_normal((steps, envs)), rng.standard_normal((steps, envs))
+    term, trunc = rng.random((steps, envs)) < 0.1, rng.random((steps, envs)) < 0.1
+    trunc &= ~term
+    got = T.gae(r, v, nv, term, trunc, gamma, lam)
+    for e in range(envs):  # plain loop: sum_l (gamma lam)^l delta_{t+l} until the episode ends
+        for t in range(steps):
+            total, weight = 0.0, 1.0
+            for k in range(t, steps):
+                delta = r[k, e] + (0.0 if term[k, e] else gamma * nv[k, e]) - v[k, e]
+                total += weight * delta
+                if term[k, e] or trunc[k, e]:
+                    break
+                weight *= gamma * lam
+            assert np.isclose(got[t, e], total, rtol=1e-10, atol=1e-12)
+    # Lambda = 1 telescopes to Monte Carlo when, as in a real batch, V(next state) = V(s_{t+1}) within episodes.
+    done = term | trunc
+    nv[:-1] = np.where(done[:-1], nv[:-1], v[1:])
+    returns = T.discounted_returns(r, nv, term, trunc, gamma)
+    assert np.allclose(T.gae(r, v, nv, term, trunc, gamma, 1.0), returns - v, rtol=1e-10, atol=1e-12)
+
+
+def test_sampler_keeps_the_final_observation_of_a_truncated_episode(rng):
+    # CartPole cut by a 5-step time limit: the step that truncates must store the true final
+    # observation (to bootstrap from), never the reset observation of the next episode.
+    envs = [gym.make("CartPole-v1", max_episode_steps=5) for _ in range(2)]
+    net = MLP([4, 8, 2])
+    theta = net.init(rng)
+    sampler = T.SinglePathSampler(envs, rng)
+    batch = sampler.sample(net, theta, 12, rng)
+    assert batch["truncated"][4].all() and not batch["terminated"][4].any()
+    for e in range(2):
+        for t in range(11):
+            if batch["terminated"][t, e] or batch["truncated"][t, e]:
+                # after an end, the next state is a fresh reset, not the stored final observation
+                assert not np.array_equal(batch["next_obs"][t, e], batch["obs"][t + 1, e])
+            else:
+                assert np.array_equal(batch["next_obs"][t, e], batch["obs"][t + 1, e])
+    assert len(sampler.finished_returns) == int((batch["terminated"] | batch["truncated"]).sum())
+
+
+# ----------------------------------------------------------------------------
+# The value function
+# ----------------------------------------------------------------------------
+
+def test_value_rescaling_preserves_every_prediction(rng):
+    value_fn = T.ValueFunction(MLP([3, 6, 1]), rng, lr=1e-3)
+    states = rng.standard_normal((20, 3))
+    before = value_fn.predict(states)
+    value_fn.set_target_scale(-57.0, 31.0)
+    assert np.allclose(value_fn.predict(states), before, rtol=1e-12, atol=1e-12)
+
+
+def test_value_fit_learns_large_targets(rng):
+    value_fn = T.ValueFunction(MLP([2, 16, 1]), rng, lr=3e-3)
+    states = rng.uniform(-1, 1, (512, 2))
+    targets = -150.0 + 60.0 * np.sin(2 * states[:, 0]) + 20.0 * states[:, 1]
+    for _ in range(5):
+        value_fn.fit(states, targets, epochs=10, minibatch=64, rng=rng)
+    # Regressing these raw targets with the same budget explains about 6% of their variance:
+    # Adam's steps are too small for outputs of -150. Standardised targets make it > 90%.
+    assert T.explained_variance(value_fn.predict(states), targets) > 0.9
+
+
+# ----------------------------------------------------------------------------
+# End to end: reproducibility, learning, the command line
+# ----------------------------------------------------------------------------
+
+def short_config(tmp_path, name, **overrides):
+    settings = dict(env="CartPole-v1", seed=0, total_steps=2048, num_envs=4, steps_per_env=128,
+                    hidden=(16, 16), out=str(tmp_path / name))
+    settings.update(overrides)
+    return T.Config(**settings)
+
+
+def test_same_seed_same_run_to_the_bit(tmp_path):
+    net, theta_a, hist_a = T.train(short_config(tmp_path, "a"), verbose=False)
+    _, theta_b, hist_b = T.train(short_config(tmp_path, "b"), verbose=False)
+    _, theta_c, _ = T.train(short_config(tmp_path, "c", seed=1), verbose=False)
+    assert np.array_equal(theta_a, theta_b)
+    strip = lambda h: [{k: v for k, v in row.items() if k not in ("wall_s", "steps_per_s")} for row in h]  # noqa
+    assert strip(hist_a) == strip(hist_b)
+    assert not np.array_equal(theta_a, theta_c)
+
+
+def test_training_writes_its_outputs(tmp_path):
+    cfg = short_config(tmp_path, "out")
+    T.train(cfg, verbose=False)
+    out = tmp_path / "out"
+    for name in ("progress.csv", "config.json", "policy.npz", "learning_curve.png", "diagnostics.png"):
+        assert (out / name).stat().st_size > 0, name
+    header = (out / "progress.csv").read_text().splitlines()[0].split(",")
+    for column in ("iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "entropy",
+                   "wall_s"):
+        assert column in header
+    assert len((out / "progress.csv").read_text().splitlines()) == 1 + 4  # header + 4 iterations
+    saved = np.load(out / "policy.npz")
+    assert list(saved["sizes"]) == [4, 16, 16, 2]
+
+
+def test_cartpole_return_improves(tmp_path):
+    cfg = short_config(tmp_path, "learn", total_steps=30_000, num_envs=4, steps_per_env=256, max_kl=0.02)
+    _, _, history = T.train(cfg, verbose=False)
+    first, last = history[0]["rolling_return"], history[-1]["rolling_return"]
+    assert last > 2 * first and last > 100, (first, last)
+
+
+def run_cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "trpo_numpy.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--env", "NoSuchEnv-v0"], "unknown environment"),
+    (["--env", "Pendulum-v1"], "Discrete"),
+    (["--max-kl", "-0.01"], "--max-kl must be positive"),
+    (["--max-kl", "abc"], "not a number"),
+    (["--total-steps", "0"], "--total-steps must be positive"),
+    (["--num-envs", "2.5"], "not an integer"),
+    (["--gamma", "1.5"], "--gamma"),
+])
+def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
+    result = run_cli("--total-steps", "64", "--out", str(tmp_path / "x"), *args)  # the last value given wins
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_unwritable_output_folder_is_reported(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("--out", str(blocker / "run"), "--total-steps", "64")
+    assert result.returncode == 2 and "cannot write to output folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_explains_every_flag():
+    text = run_cli("--help").stdout
+    for f in __import__("dataclasses").fields(T.Config):
+        assert "--" + f.name.replace("_", "-") in text
+    for symbol in ("delta", "gamma", "lambda"):
+        assert symbol in text
