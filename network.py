@@ -158,12 +158,14 @@ def kl(z_old, z_new):
     return (np.exp(logp_old) * (logp_old - log_softmax(z_new))).sum(axis=-1)
 
 
-def sample(z, rng):
+def sample(z, uniforms):
     """Draw one action per row from softmax(z) by inverting the cumulative distribution.
 
-    One call to `rng.random` for the whole batch keeps the sampler vectorised."""
+    `uniforms` holds one number in [0, 1) per row (e.g. rng.random(len(z))): action a is
+    chosen when cdf[a-1] <= u < cdf[a]. Passing the uniforms in lets every environment
+    draw from its own generator, so a run does not depend on how environments are batched."""
     cdf = np.cumsum(softmax(z), axis=-1)
-    u = rng.random(len(z))[:, None] * cdf[:, -1:]  # scale by the total so rounding never leaves u > cdf[-1]
+    u = np.asarray(uniforms)[:, None] * cdf[:, -1:]  # scale by the total so rounding never leaves u > cdf[-1]
     return (u > cdf).sum(axis=-1)
 
 

@@ -122,7 +122,7 @@ def test_kl_direction_is_old_to_new():
 def test_sample_follows_the_probabilities_within_4_sigma(rng):
     p = np.array([0.1, 0.2, 0.3, 0.4])
     n = 40_000
-    draws = sample(np.tile(np.log(p), (n, 1)), rng)
+    draws = sample(np.tile(np.log(p), (n, 1)), rng.random(n))
     counts = np.bincount(draws, minlength=4)
     sigma = np.sqrt(n * p * (1 - p))
     assert np.all(np.abs(counts - n * p) < 4 * sigma)
@@ -204,7 +204,7 @@ def test_conjugate_gradient_stops_on_a_non_positive_curvature():
 def random_policy_batch(net, theta, rng, n=50):
     states = rng.standard_normal((n, net.sizes[0]))
     logits = net.forward(theta, states)[0]
-    actions = sample(logits, rng)
+    actions = sample(logits, rng.random(n))
     return states, actions, log_prob(logits, actions), rng.standard_normal(n)
 
 
@@ -355,8 +355,8 @@ def test_sampler_keeps_the_final_observation_of_a_truncated_episode(rng):
     envs = [gym.make("CartPole-v1", max_episode_steps=5) for _ in range(2)]
     net = MLP([4, 8, 2])
     theta = net.init(rng)
-    sampler = T.SinglePathSampler(envs, rng)
-    batch = sampler.sample(net, theta, 12, rng)
+    sampler = T.SinglePathSampler(envs, env_seeds=[1, 2], action_seeds=[3, 4])
+    batch = sampler.sample(net, theta, 12)
     assert batch["truncated"][4].all() and not batch["terminated"][4].any()
     for e in range(2):
         for t in range(11):
@@ -365,7 +365,32 @@ def test_sampler_keeps_the_final_observation_of_a_truncated_episode(rng):
                 assert not np.array_equal(batch["next_obs"][t, e], batch["obs"][t + 1, e])
             else:
                 assert np.array_equal(batch["next_obs"][t, e], batch["obs"][t + 1, e])
-    assert len(sampler.finished_returns) == int((batch["terminated"] | batch["truncated"]).sum())
+    ended = batch["terminated"] | batch["truncated"]
+    assert np.array_equal(~np.isnan(batch["episode_return"]), ended)
+    # the first episode of each environment is steps 0..4 (or shorter if it terminated)
+    for e in range(2):
+        first_end = np.argmax(ended[:, e])
+        assert np.isclose(batch["episode_return"][first_end, e], batch["rewards"][:first_end + 1, e].sum())
+
+
+def test_parallel_sampler_gives_the_serial_batch(rng):
+    net = MLP([8, 16, 4])
+    theta = net.init(rng, output_gain=0.5)
+    env_seeds, action_seeds = [11, 12, 13], [21, 22, 23]
+    serial = T.SinglePathSampler([gym.make("LunarLander-v3") for _ in range(3)], env_seeds, action_seeds)
+    parallel = T.ParallelSampler("LunarLander-v3", env_seeds, action_seeds, workers=2)
+    try:
+        for _ in range(2):  # the second batch continues the episodes of the first
+            a, b = serial.sample(net, theta, 100), parallel.sample(net, theta, 100)
+            for key in a:
+                if key == "logits":
+                    # BLAS may sum a 3-row and a 2-row product in another order: equal to rounding.
+                    assert np.allclose(a[key], b[key], rtol=1e-12, atol=1e-14)
+                else:
+                    assert np.array_equal(a[key], b[key], equal_nan=key == "episode_return"), key
+    finally:
+        parallel.close()
+        serial.close()
 
 
 # ----------------------------------------------------------------------------
