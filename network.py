@@ -115,9 +115,10 @@ class MLP:
         """
         layers = self.unflatten(theta)
         tangents = self.unflatten(v)
-        u = np.zeros_like(cache[0])
         for l, ((W, _), (dW, db)) in enumerate(zip(layers, tangents)):
-            da = cache[l] @ dW + db + u @ W  # (N, n_out)
+            da = cache[l] @ dW + db  # (N, n_out)
+            if l > 0:
+                da += u @ W  # u_0 = 0: the first layer has no incoming tangent
             if l == len(layers) - 1:
                 return da  # the output layer is linear
             u = (1.0 - cache[l + 1] ** 2) * da

@@ -250,13 +250,14 @@ def sampler_worker(connection, env_id, env_seeds, action_seeds):
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     sampler = SinglePathSampler([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
-    while True:
-        request = connection.recv()
-        if request is None:
-            break
-        sizes, theta, steps = request
-        connection.send(sampler.sample(MLP(sizes), theta, steps))
-    sampler.close()
+    try:
+        while True:
+            sizes, theta, steps = connection.recv()
+            connection.send(sampler.sample(MLP(sizes), theta, steps))
+    except (EOFError, OSError):  # the main process closed the pipe or is gone: stop quietly
+        pass
+    finally:
+        sampler.close()
 
 
 class ParallelSampler:
@@ -266,16 +267,20 @@ class ParallelSampler:
     the main process only sends theta and joins the batches along the environment axis.
     Because every environment keeps its own seeds, the batch is the same as
     SinglePathSampler's on the same seeds (the logits to rounding: BLAS may sum a
-    smaller batch's product in another order). Simulation is most of a TRPO iteration's
-    time, so two workers on two cores nearly halve it.
+    smaller batch's product in another order). Simulation is most of a TRPO
+    iteration's time, so two workers on two cores nearly halve it.
+
+    Workers are started with "spawn": a fresh interpreter that inherits no other
+    worker's pipe, so a worker whose main process dies sees end-of-file and exits.
     """
 
     def __init__(self, env_id, env_seeds, action_seeds, workers):
         import multiprocessing
+        context = multiprocessing.get_context("spawn")
         self.connections, self.processes = [], []
         for part in np.array_split(np.arange(len(env_seeds)), workers):
-            parent, child = multiprocessing.Pipe()
-            process = multiprocessing.Process(
+            parent, child = context.Pipe()
+            process = context.Process(
                 target=sampler_worker, daemon=True,
                 args=(child, env_id, [int(env_seeds[i]) for i in part], [int(action_seeds[i]) for i in part]))
             process.start()
@@ -293,14 +298,14 @@ class ParallelSampler:
         return {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
 
     def close(self):
-        for connection, process in zip(self.connections, self.processes):
-            try:
-                connection.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            process.join(timeout=5)
+        """Close the pipes (each worker then stops by itself); end any worker still running after 2 s."""
+        for connection in self.connections:
+            connection.close()
+        for process in self.processes:
+            process.join(timeout=2)
             if process.is_alive():
                 process.terminate()
+                process.join()
 
 
 def make_sampler(cfg, rng):
