@@ -135,8 +135,9 @@ def log_softmax(z):
 
 
 def softmax(z):
-    """p = exp(z) / sum exp(z), row by row."""
-    return np.exp(log_softmax(z))
+    """p = exp(z) / sum exp(z), row by row (shifted by the max, which cancels, so exp cannot overflow)."""
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def log_prob(z, actions):

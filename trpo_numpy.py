@@ -119,6 +119,7 @@ class Config:
     vf_lr: float = option(1e-3, "Adam learning rate of the value network")
     vf_epochs: int = option(5, "passes over the batch when fitting the value network each iteration")
     vf_minibatch: int = option(256, "minibatch size of the value-network fit")
+    save_every: int = option(10, "write <out>/checkpoint.npz every this many iterations (and always at the end)")
     out: str = option("", "output folder for progress.csv, config.json, policy.npz and plots "
                           "(default runs/<scheme>-seed<seed>)")
 
@@ -132,7 +133,7 @@ class Config:
     def validate(self):
         """Raise UserError, in one sentence, for any value the algorithm cannot run with."""
         positive = ["total_steps", "num_envs", "workers", "steps_per_env", "max_kl", "fisher_subsample", "cg_iters", "max_backtracks",
-                    "vf_lr", "vf_epochs", "vf_minibatch"]
+                    "vf_lr", "vf_epochs", "vf_minibatch", "save_every"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
@@ -152,14 +153,18 @@ class Config:
 # Environments
 # ----------------------------------------------------------------------------
 
-def make_env(env_id):
+def make_env(env_id, render_mode=None):
     """gym.make with the errors a user can cause turned into one sentence.
 
     The policy is categorical over a Discrete action space and the networks take a
     flat Box observation; anything else is refused here rather than deep inside."""
     import gymnasium as gym
+    if render_mode == "rgb_array":
+        # Frames drawn into an array need no window; without this SDL looks for a display
+        # and prints an error on a headless machine.
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     try:
-        env = gym.make(env_id)
+        env = gym.make(env_id, render_mode=render_mode)
     except gym.error.DependencyNotInstalled as e:
         raise UserError(f"environment '{env_id}' needs a package that is not installed: {e}") from None
     except gym.error.Error as e:
@@ -578,35 +583,14 @@ def explained_variance(prediction, target):
 
 
 # ----------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------
-
-def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, seed_base=EVAL_SEED_BASE):
-    """Returns of `episodes` episodes under pi_theta, each reset with its own seed from seed_base on.
-
-    greedy=True takes the most likely action; otherwise actions are sampled with rng."""
-    env = make_env(env_id)
-    returns = np.zeros(episodes)
-    for k in range(episodes):
-        obs, _ = env.reset(seed=seed_base + k)
-        done = False
-        while not done:
-            logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
-            action = int(np.argmax(logits[0])) if greedy else int(sample(logits, rng.random(1))[0])
-            obs, reward, terminated, truncated, _ = env.step(action)
-            returns[k] += reward
-            done = terminated or truncated
-    env.close()
-    return returns
-
-
-# ----------------------------------------------------------------------------
-# Outputs: progress.csv, config.json, policy.npz, plots
+# Outputs: progress.csv, config.json, policy.npz, checkpoint.npz, plots
 # ----------------------------------------------------------------------------
 
 PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "accepted",
                     "expected_improve", "actual_improve", "entropy", "value_loss", "explained_variance",
                     "steps_per_s", "wall_s"]
+CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
+POLICY_FORMAT = "trpo-numpy policy v1"
 
 
 def prepare_out_dir(path):
@@ -621,9 +605,129 @@ def prepare_out_dir(path):
         raise UserError(f"cannot write to output folder '{path}': {e.strerror or e}.") from None
 
 
-def save_policy(path, net, theta, cfg):
-    """Weights and the architecture they belong to, loadable with np.load."""
-    np.savez(path, theta=theta, sizes=np.array(net.sizes), env=cfg.env)
+def write_npz_atomically(path, **arrays):
+    """np.savez to a temporary file, flushed to disk, then renamed over `path`.
+
+    A rename is atomic: a crash at any moment leaves either the old file or the new
+    one, never half of one."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def save_policy(path, net, theta, env_id):
+    """The policy's weights and the architecture they belong to (what --eval needs, nothing more)."""
+    write_npz_atomically(path, format=POLICY_FORMAT, theta=theta, sizes=np.array(net.sizes), env=env_id)
+
+
+def open_npz(path, what):
+    """np.load a file this program wrote, or raise UserError saying in one sentence why it cannot be used."""
+    if not os.path.isfile(path):
+        raise UserError(f"no {what} file at '{path}'.")
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as e:  # zip, pickle and header errors all mean: not a file of ours
+        raise UserError(f"'{path}' is not a readable {what} file ({type(e).__name__}).") from None
+    if str(data.get("format", "")) not in (CHECKPOINT_FORMAT, POLICY_FORMAT):
+        raise UserError(f"'{path}' is not a {what} file written by trpo_numpy.py.")
+    return data
+
+
+def load_policy(path, env_id=None):
+    """(net, theta, env_id) from a policy.npz or checkpoint.npz, checked against the environment's shape."""
+    data = open_npz(path, "policy or checkpoint")
+    sizes = [int(n) for n in data["sizes"]]
+    env_id = env_id or str(data["env"])
+    env = make_env(env_id)
+    obs_dim, num_actions = env_dims(env)
+    env.close()
+    if sizes[0] != obs_dim or sizes[-1] != num_actions:
+        raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions, "
+                        f"but {env_id} has {obs_dim} and {num_actions}.")
+    net = MLP(sizes)
+    if data["theta"].shape != (net.num_params,):
+        raise UserError(f"'{path}' holds {data['theta'].size} weights, not the {net.num_params} of its network.")
+    return net, data["theta"], env_id
+
+
+class TrainingState:
+    """Everything that changes during a run, and so everything a checkpoint must hold."""
+
+    def __init__(self, cfg, policy_net, value_fn, rng, theta):
+        self.cfg, self.policy_net, self.value_fn, self.rng, self.theta = cfg, policy_net, value_fn, rng, theta
+        self.run_id = f"{int(time.time())}-{cfg.seed}-{os.getpid()}"  # tells this run from another in a folder
+        self.iteration = 0
+        self.env_steps = 0
+        self.wall_s = 0.0  # training time before this process started (a resumed run)
+        self.episode_returns = []  # every finished training episode's return, in order of (step, environment)
+        self.history = []  # one dict per iteration: the rows of progress.csv
+
+    def snapshot(self):
+        """A copy of the state now, cheap enough to take every iteration; `save_checkpoint` writes one.
+
+        Taken at the end of an iteration, it is a clean point to stop at: an interruption in
+        the middle of the next iteration discards that half-done iteration, nothing else."""
+        vf = self.value_fn
+        return dict(theta=self.theta.copy(), phi=vf.phi.copy(), adam_m=vf.adam.m.copy(), adam_v=vf.adam.v.copy(),
+                    adam_t=vf.adam.t, value_mean=vf.mean, value_std=vf.std,
+                    rng_state=json.dumps(self.rng.bit_generator.state), iteration=self.iteration,
+                    env_steps=self.env_steps, wall_s=self.wall_s, history_length=len(self.history),
+                    episode_count=len(self.episode_returns))
+
+    def save_checkpoint(self, path, snapshot):
+        """Write a snapshot (atomically) with the config, the history and the episode returns up to it."""
+        meta = {k: snapshot[k] for k in ("adam_t", "value_mean", "value_std", "iteration", "env_steps", "wall_s")}
+        meta.update(config=dataclasses.asdict(self.cfg), run_id=self.run_id, history=self.history[:snapshot["history_length"]])
+        write_npz_atomically(
+            path, format=CHECKPOINT_FORMAT, meta=json.dumps(meta), rng_state=snapshot["rng_state"],
+            theta=snapshot["theta"], phi=snapshot["phi"], adam_m=snapshot["adam_m"], adam_v=snapshot["adam_v"],
+            episode_returns=np.array(self.episode_returns[:snapshot["episode_count"]], dtype=np.float64),
+            sizes=np.array(self.policy_net.sizes), value_sizes=np.array(self.value_fn.net.sizes), env=self.cfg.env)
+
+    def restore(self, data):
+        """Continue from checkpoint arrays (as read by read_checkpoint)."""
+        meta = json.loads(str(data["meta"]))
+        if data["theta"].shape != self.theta.shape or data["phi"].shape != self.value_fn.phi.shape:
+            raise UserError("the checkpoint's networks do not match its own configuration; it is damaged.")
+        self.theta = data["theta"].copy()
+        vf = self.value_fn
+        vf.phi, vf.adam.m, vf.adam.v = data["phi"].copy(), data["adam_m"].copy(), data["adam_v"].copy()
+        vf.adam.t, vf.mean, vf.std = meta["adam_t"], meta["value_mean"], meta["value_std"]
+        self.rng.bit_generator.state = json.loads(str(data["rng_state"]))
+        self.run_id, self.iteration, self.env_steps = meta["run_id"], meta["iteration"], meta["env_steps"]
+        self.wall_s = meta["wall_s"]
+        self.history = meta["history"]
+        self.episode_returns = list(data["episode_returns"])
+
+
+def read_checkpoint(path):
+    """(arrays, Config) of a checkpoint file, or UserError in one sentence."""
+    data = open_npz(path, "checkpoint")
+    if str(data["format"]) != CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' is a policy file, not a checkpoint: it cannot be resumed, only evaluated.")
+    try:
+        saved = json.loads(str(data["meta"]))["config"]
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"'{path}' is a checkpoint of another version of trpo_numpy.py.") from None
+    return data, cfg
+
+
+def check_folder_is_ours(out_dir, run_id):
+    """A resumed run may continue in its own folder or an empty one, never over another run's files."""
+    config_path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(config_path):
+        return
+    try:
+        with open(config_path) as f:
+            other = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        other = None
+    if other != run_id:
+        raise UserError(f"'{out_dir}' holds another run; resume into its own folder or an empty one (--out).")
 
 
 def save_plots(history, out_dir, cfg):
@@ -680,8 +784,59 @@ def format_log_line(row):
 # The training loop (Algorithm 1)
 # ----------------------------------------------------------------------------
 
-def train(cfg, verbose=True):
-    """Train a policy with TRPO; write progress.csv, config.json, policy.npz and plots to cfg.out_dir().
+def single_path_iteration(state, sampler):
+    """One iteration of Algorithm 1 with the single-path scheme; updates state, returns its log row."""
+    cfg, policy_net, value_fn = state.cfg, state.policy_net, state.value_fn
+    start = time.perf_counter()
+    # 1. sample with pi_old
+    batch = sampler.sample(policy_net, state.theta, cfg.steps_per_env)
+    ended = batch["episode_return"]
+    state.episode_returns.extend(ended[~np.isnan(ended)])
+    state.env_steps += cfg.batch_size
+    obs_dim, num_actions = policy_net.sizes[0], policy_net.sizes[-1]
+    states = batch["obs"].reshape(cfg.batch_size, obs_dim)
+    actions = batch["actions"].ravel()
+    logp_old = log_prob(batch["logits"].reshape(cfg.batch_size, num_actions), actions)
+
+    # 2. advantages
+    advantages, value_targets, values = estimate_advantages(batch, value_fn, cfg)
+    if cfg.normalize_advantages:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+    # 3.-6. the trust-region step on the surrogate of Eq. (14)
+    def surrogate_of_logits(logits):
+        return surrogate(logits, actions, logp_old, advantages)
+    state.theta, step = trpo_step(policy_net, state.theta, states, surrogate_of_logits, cfg)
+
+    # 7. refit the value function for the next iteration's advantages
+    if np.all(np.isfinite(value_targets)):
+        value_loss = value_fn.fit(states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, state.rng)
+    else:  # one bad number would poison every weight of V; skip this batch's fit instead
+        value_loss = float("nan")
+        step["skipped"] = step.get("skipped", "") + "; value targets not finite, value fit skipped"
+
+    recent = state.episode_returns[-100:]
+    return {
+        "iteration": state.iteration,
+        "env_steps": state.env_steps,
+        "rolling_return": float(np.mean(recent)) if recent else float("nan"),
+        "episodes": len(state.episode_returns),
+        "kl": step["kl"],
+        "backtracks": step["backtracks"],
+        "accepted": int(step["accepted"]),
+        "expected_improve": step["expected_improve"],
+        "actual_improve": step["actual_improve"],
+        "entropy": step["entropy"],
+        "value_loss": value_loss,
+        "explained_variance": explained_variance(values, value_targets),
+        "steps_per_s": cfg.batch_size / (time.perf_counter() - start),
+        "skipped": step.get("skipped", "").lstrip("; "),
+    }
+
+
+def train(cfg, verbose=True, resume=None):
+    """Train a policy with TRPO, writing progress.csv, config.json, checkpoint.npz, policy.npz and
+    plots to cfg.out_dir(). `resume` is the arrays of a checkpoint (read_checkpoint) to continue from.
 
     Returns (policy_net, theta, history) where history holds one dict per iteration."""
     from tqdm import tqdm
@@ -689,90 +844,116 @@ def train(cfg, verbose=True):
     cfg.validate()
     out_dir = cfg.out_dir()
     prepare_out_dir(out_dir)
-    rng = np.random.default_rng(cfg.seed)
     probe = make_env(cfg.env)  # fail here, in one sentence, before any worker starts
     obs_dim, num_actions = env_dims(probe)
     probe.close()
 
+    rng = np.random.default_rng(cfg.seed)
     policy_net = MLP([obs_dim, *cfg.hidden, num_actions])
     theta = policy_net.init(rng, output_gain=0.01)
     value_fn = ValueFunction(MLP([obs_dim, *cfg.hidden, 1]), rng, lr=cfg.vf_lr)
-    sampler = make_sampler(cfg, rng)
-    episode_returns = []  # every finished training episode's return, in order of (step, environment)
+    state = TrainingState(cfg, policy_net, value_fn, rng, theta)
+    if resume is not None:
+        state.restore(resume)
+        check_folder_is_ours(out_dir, state.run_id)
 
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+        json.dump({**dataclasses.asdict(cfg), "run_id": state.run_id}, f, indent=2)
     csv_file = open(os.path.join(out_dir, "progress.csv"), "w", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=PROGRESS_COLUMNS)
+    writer = csv.DictWriter(csv_file, fieldnames=PROGRESS_COLUMNS, extrasaction="ignore")
     writer.writeheader()
+    writer.writerows(state.history)  # a resumed run's earlier rows, up to its checkpoint
+    checkpoint_path = os.path.join(out_dir, "checkpoint.npz")
 
-    history = []
-    env_steps = 0
-    start = time.perf_counter()
-    bar = tqdm(total=cfg.total_steps, unit="step", unit_scale=True, disable=not verbose, file=sys.stderr)
+    # After a resume, the simulators cannot be restored (Box2D state is not saved): the
+    # environments start new episodes, seeded from the restored generator.
+    sampler = make_sampler(cfg, rng)
+    snapshot = state.snapshot()
+    start = time.perf_counter() - state.wall_s
+    bar = tqdm(total=cfg.total_steps, initial=state.env_steps, unit="step", unit_scale=True,
+               disable=not verbose, file=sys.stderr)
     try:
-        iteration = 0
-        while env_steps < cfg.total_steps:
-            iteration += 1
-            t0 = time.perf_counter()
-            # 1. sample with pi_old
-            batch = sampler.sample(policy_net, theta, cfg.steps_per_env)
-            ended = batch["episode_return"]
-            episode_returns.extend(ended[~np.isnan(ended)])
-            env_steps += cfg.batch_size
-            states = batch["obs"].reshape(cfg.batch_size, obs_dim)
-            actions = batch["actions"].ravel()
-            logp_old = log_prob(batch["logits"].reshape(cfg.batch_size, num_actions), actions)
-
-            # 2. advantages
-            advantages, value_targets, values = estimate_advantages(batch, value_fn, cfg)
-            if cfg.normalize_advantages:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-            # 3.-6. the trust-region step on the surrogate of Eq. (14)
-            def surrogate_of_logits(logits):
-                return surrogate(logits, actions, logp_old, advantages)
-            theta, step = trpo_step(policy_net, theta, states, surrogate_of_logits, cfg)
-
-            # 7. refit the value function for the next iteration's advantages
-            value_loss = value_fn.fit(states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, rng)
-
-            recent = episode_returns[-100:]
-            row = {
-                "iteration": iteration,
-                "env_steps": env_steps,
-                "rolling_return": float(np.mean(recent)) if recent else float("nan"),
-                "episodes": len(episode_returns),
-                "kl": step["kl"],
-                "backtracks": step["backtracks"],
-                "accepted": int(step["accepted"]),
-                "expected_improve": step["expected_improve"],
-                "actual_improve": step["actual_improve"],
-                "entropy": step["entropy"],
-                "value_loss": value_loss,
-                "explained_variance": explained_variance(values, value_targets),
-                "steps_per_s": cfg.batch_size / (time.perf_counter() - t0),
-                "wall_s": time.perf_counter() - start,
-            }
-            history.append(row)
+        while state.env_steps < cfg.total_steps:
+            state.iteration += 1
+            row = single_path_iteration(state, sampler)
+            state.wall_s = row["wall_s"] = time.perf_counter() - start
+            state.history.append(row)
             writer.writerow(row)
             csv_file.flush()
+            snapshot = state.snapshot()
+            if state.iteration % cfg.save_every == 0:
+                state.save_checkpoint(checkpoint_path, snapshot)
             bar.update(cfg.batch_size)
             bar.set_postfix(ret=f"{row['rolling_return']:.1f}")
             if verbose:
                 line = format_log_line(row)
-                if "skipped" in step:
-                    line += f" | step skipped: {step['skipped']}"
-                tqdm.write(line)
+                tqdm.write(line + (f" | step skipped: {row['skipped']}" if row["skipped"] else ""))
     finally:
+        # Whatever stopped the loop (the end, Ctrl-C, an error), keep what the finished iterations made.
         bar.close()
         csv_file.close()
         sampler.close()
-        # Whatever stopped the loop, the weights and plots of the iterations done are kept.
-        save_policy(os.path.join(out_dir, "policy.npz"), policy_net, theta, cfg)
-        if history:
-            save_plots(history, out_dir, cfg)
-    return policy_net, theta, history
+        state.save_checkpoint(checkpoint_path, snapshot)
+        save_policy(os.path.join(out_dir, "policy.npz"), policy_net, snapshot["theta"], cfg.env)
+        if state.history:
+            save_plots(state.history, out_dir, cfg)
+    return policy_net, state.theta, state.history
+
+
+# ----------------------------------------------------------------------------
+# Evaluation and animation
+# ----------------------------------------------------------------------------
+
+def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, seed_base=EVAL_SEED_BASE, gif_path=None):
+    """Returns of `episodes` episodes under pi_theta, each reset with its own seed from seed_base on.
+
+    greedy=True takes the most likely action; otherwise actions are sampled with rng.
+    With gif_path, the first episode is also rendered and written there as an animation."""
+    env = make_env(env_id, render_mode="rgb_array" if gif_path else None)
+    returns = np.zeros(episodes)
+    frames = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=seed_base + k)
+        done = False
+        while not done:
+            if gif_path and k == 0:
+                frames.append(env.render())
+            logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
+            action = int(np.argmax(logits[0])) if greedy else int(sample(logits, rng.random(1))[0])
+            obs, reward, terminated, truncated, _ = env.step(action)
+            returns[k] += reward
+            done = terminated or truncated
+        if gif_path and k == 0:
+            frames.append(env.render())
+            write_gif(gif_path, frames, fps=env.metadata.get("render_fps", 50))
+    env.close()
+    return returns
+
+
+def write_gif(path, frames, fps, every=2, max_width=300):
+    """Write RGB frames as an animated GIF with Pillow (which matplotlib already needs).
+
+    Every second frame at half size keeps a 1000-step episode to a few MB."""
+    from PIL import Image
+    shrink = max(1, int(np.ceil(frames[0].shape[1] / max_width)))
+    images = [Image.fromarray(np.ascontiguousarray(frame[::shrink, ::shrink])) for frame in frames[::every]]
+    try:
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 * every / fps), loop=0)
+    except OSError as e:
+        raise UserError(f"cannot write the animation to '{path}': {e.strerror or e}.") from None
+
+
+def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
+    """--eval: load a policy, report mean and std of the return and the share of episodes >= 200."""
+    net, theta, env_id = load_policy(path, env_id)
+    returns = evaluate_policy(net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
+                              gif_path=gif_path)
+    mode = "greedy" if greedy else "sampled"
+    print(f"{env_id}, {episodes} evaluation episodes ({mode} actions, seeds from {EVAL_SEED_BASE}): "
+          f"return {returns.mean():.1f} +- {returns.std():.1f}, {np.mean(returns >= 200):.0%} at or above 200")
+    if gif_path:
+        print(f"animation of the first episode written to {gif_path}")
+    return returns
 
 
 # ----------------------------------------------------------------------------
@@ -786,7 +967,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help).\n")
 
 
-def positive_or_number(kind):
+def number(kind):
     """argparse type: a number of the given kind, with a one-sentence error for anything else."""
     def convert(text):
         try:
@@ -797,39 +978,91 @@ def positive_or_number(kind):
     return convert
 
 
-def build_parser():
-    """The command line, generated from Config so that --help and the defaults cannot drift apart."""
+def build_parser(defaults=True):
+    """The command line, generated from Config so that --help and the defaults cannot drift apart.
+
+    defaults=False leaves out every default: what remains is what the user typed."""
     parser = ArgumentParser(description="Trust Region Policy Optimization (Schulman et al. 2015) in plain NumPy.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            argument_default=None if defaults else argparse.SUPPRESS)
+    training = parser.add_argument_group("training (paper symbols in parentheses)")
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_text = meta.pop("help")
+        default = f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            training.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif f.type in ("tuple", tuple):
-            parser.add_argument(flag, type=positive_or_number(int), default=f.default, help=help_text, **meta)
+            training.add_argument(flag, type=number(int), default=default, help=help_text, **meta)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            convert = positive_or_number(kind) if kind in (int, float) else kind
-            parser.add_argument(flag, type=convert, default=f.default, help=help_text, **meta)
+            convert = number(kind) if kind in (int, float) else kind
+            training.add_argument(flag, type=convert, default=default, help=help_text, **meta)
+    other = parser.add_argument_group("checkpoints and evaluation")
+    other.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz; "
+                       "its settings are kept (only --total-steps, --out, --workers and --save-every may change)")
+    other.add_argument("--eval", metavar="FILE", help="do not train: evaluate the policy in this policy.npz or "
+                       "checkpoint.npz on seeds training never uses")
+    other.add_argument("--episodes", type=number(int), default=100 if defaults else argparse.SUPPRESS,
+                       help="evaluation episodes, with --eval")
+    other.add_argument("--greedy", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                       help="with --eval, take the most likely action instead of sampling")
+    other.add_argument("--gif", metavar="FILE", help="with --eval, write the first episode as an animated GIF")
     return parser
+
+
+RESUMABLE_FLAGS = {"total_steps", "out", "workers", "save_every"}
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    typed = vars(build_parser(defaults=False).parse_args(argv))  # only what the user gave
+    config_fields = {f.name for f in dataclasses.fields(Config)}
+    cfg = None
     try:
-        _, _, history = train(cfg)
+        if args.eval:
+            if args.episodes < 1:
+                raise UserError(f"--episodes must be positive, got {args.episodes}.")
+            run_evaluation(args.eval, args.episodes, args.greedy, args.gif, typed.get("env"))
+            return 0
+        if args.resume:
+            resume, cfg = read_checkpoint(args.resume)
+            fixed = sorted(k for k in typed if k in config_fields and k not in RESUMABLE_FLAGS)
+            if fixed:
+                raise UserError(f"--{fixed[0].replace('_', '-')} cannot change when resuming; "
+                                f"the run keeps its saved settings.")
+            overrides = {"out": os.path.dirname(os.path.abspath(args.resume))}
+            overrides.update({k: v for k, v in typed.items() if k in RESUMABLE_FLAGS})
+            cfg = dataclasses.replace(cfg, **overrides)
+        else:
+            resume = None
+            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in vars(args).items() if k in config_fields})
+        stop_on_sigterm()
+        _, _, history = train(cfg, resume=resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: progress, policy and plots so far are in {cfg.out_dir()}", file=sys.stderr)
+        if cfg is None:
+            return 130
+        checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz")
+        print(f"\nstopped: checkpoint, progress.csv, policy and plots are in {cfg.out_dir()}\n"
+              f"continue with:  python trpo_numpy.py --resume {checkpoint}", file=sys.stderr)
         return 130
     print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
           f"outputs in {cfg.out_dir()}")
     return 0
+
+
+def stop_on_sigterm():
+    """Treat SIGTERM (kill, a cluster's time limit) like Ctrl-C: stop cleanly and keep the work."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":
