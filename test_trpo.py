@@ -495,3 +495,170 @@ def test_help_explains_every_flag():
         assert "--" + f.name.replace("_", "-") in text
     for symbol in ("delta", "gamma", "lambda"):
         assert symbol in text
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints, resume, interruption, evaluation
+# ----------------------------------------------------------------------------
+
+def test_checkpoint_write_is_atomic_under_a_crash(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.npz")
+    T.write_npz_atomically(path, format=T.CHECKPOINT_FORMAT, theta=np.arange(5.0))
+    before = open(path, "rb").read()
+
+    def crash_half_way(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise OSError("disk pulled out mid-save")
+    monkeypatch.setattr(np, "savez", crash_half_way)
+    with pytest.raises(OSError):
+        T.write_npz_atomically(path, format=T.CHECKPOINT_FORMAT, theta=np.zeros(5))
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before  # the last good checkpoint is untouched
+    assert np.array_equal(np.load(path)["theta"], np.arange(5.0))
+
+
+def test_resume_continues_the_counters_and_the_csv(tmp_path):
+    cfg = short_config(tmp_path, "run", total_steps=2048, save_every=1)  # 4 iterations of 512 steps
+    T.train(cfg, verbose=False)
+    data, saved_cfg = T.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
+    assert saved_cfg == cfg
+    longer = T.dataclasses.replace(saved_cfg, total_steps=3072)
+    _, theta, history = T.train(longer, verbose=False, resume=data)
+    assert [row["iteration"] for row in history] == [1, 2, 3, 4, 5, 6]
+    assert [row["env_steps"] for row in history] == [512 * k for k in range(1, 7)]
+    assert history[4]["wall_s"] > history[3]["wall_s"]
+    rows = (tmp_path / "run" / "progress.csv").read_text().splitlines()
+    assert len(rows) == 1 + 6 and rows[5].startswith("5,2560,")
+    assert history[4]["episodes"] >= history[3]["episodes"]  # the episode count carries on too
+
+
+def test_resumed_run_keeps_the_saved_weights(tmp_path):
+    cfg = short_config(tmp_path, "run", total_steps=1024)
+    _, theta, _ = T.train(cfg, verbose=False)
+    data, saved_cfg = T.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
+    assert np.array_equal(data["theta"], theta)
+    # Resuming with nothing left to do changes nothing and keeps the weights.
+    _, theta_again, history = T.train(saved_cfg, verbose=False, resume=data)
+    assert np.array_equal(theta_again, theta) and len(history) == 2
+
+
+def processes_in_session(session_id):
+    """Linux: pids of the live processes whose session is session_id (a child started in a new session).
+
+    Zombies (state Z) have already exited; they only wait to be reaped by whoever adopted them."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == session_id and fields[0] != "Z":  # fields 3 and 6 of stat: state, session
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name):
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "4",
+         "--steps-per-env", "64", "--hidden", "16", "16", "--save-every", "1000", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until a few iterations are done
+        progress = out / "progress.csv"
+        if progress.exists() and len(progress.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.1)
+    sent = time.time()
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=30)
+    assert time.time() - sent < 10, "it must stop promptly, not an iteration later"
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert f"--resume {out / 'checkpoint.npz'}" in stderr
+    data, cfg = T.read_checkpoint(str(out / "checkpoint.npz"))  # written although --save-every is 1000
+    assert json_meta(data)["iteration"] >= 3
+    assert np.load(out / "policy.npz")["theta"].shape == data["theta"].shape
+    while processes_in_session(process.pid) and time.time() - sent < 10:
+        time.sleep(0.1)  # the workers see their pipe close and exit by themselves, within moments
+    assert processes_in_session(process.pid) == [], "a worker process was left behind"
+
+
+def json_meta(data):
+    import json
+    return json.loads(str(data["meta"]))
+
+
+def test_a_non_finite_advantage_keeps_theta_and_training_goes_on(tmp_path, monkeypatch):
+    real = T.estimate_advantages
+    calls = []
+
+    def poisoned(batch, value_fn, cfg):
+        advantages, targets, values = real(batch, value_fn, cfg)
+        calls.append(1)
+        if len(calls) == 2:
+            advantages[7] = np.nan
+            targets[7] = np.nan
+        return advantages, targets, values
+    monkeypatch.setattr(T, "estimate_advantages", poisoned)
+    thetas = []
+    real_step = T.trpo_step
+
+    def recording_step(net, theta_old, *args):
+        theta_new, info = real_step(net, theta_old, *args)
+        thetas.append((theta_old.copy(), theta_new.copy()))
+        return theta_new, info
+    monkeypatch.setattr(T, "trpo_step", recording_step)
+    _, theta, history = T.train(short_config(tmp_path, "nan", total_steps=2048), verbose=False)
+    assert np.array_equal(thetas[1][0], thetas[1][1])  # iteration 2 kept theta_old
+    assert history[1]["accepted"] == 0 and "not finite" in history[1]["skipped"]
+    assert history[2]["accepted"] == 1 and history[3]["accepted"] == 1  # and training went on
+    assert np.all(np.isfinite(theta))
+
+
+def test_eval_reports_return_and_writes_a_gif(tmp_path):
+    T.train(short_config(tmp_path, "run"), verbose=False)
+    gif = tmp_path / "episode.gif"
+    result = run_cli("--eval", str(tmp_path / "run" / "policy.npz"), "--episodes", "3", "--greedy",
+                     "--gif", str(gif))
+    assert result.returncode == 0, result.stderr
+    assert "3 evaluation episodes (greedy" in result.stdout and "at or above 200" in result.stdout
+    assert gif.read_bytes()[:6] == b"GIF89a"
+    assert result.stderr == ""
+
+
+def bad_files(tmp_path):
+    """A checkpoint, and the damaged or wrong files a user might hand over instead."""
+    T.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
+    good = tmp_path / "run" / "checkpoint.npz"
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(300))
+    (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:2000])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"run_id": "someone else"}')
+    return good
+
+
+def test_bad_checkpoints_and_folders_are_one_sentence_and_exit_code_2(tmp_path):
+    good = bad_files(tmp_path)
+    cases = [
+        (["--resume", str(tmp_path / "missing.npz")], "no checkpoint file"),
+        (["--resume", str(tmp_path / "random.npz")], "not a readable checkpoint"),
+        (["--resume", str(tmp_path / "truncated.npz")], "not a readable checkpoint"),
+        (["--resume", str(tmp_path / "run" / "policy.npz")], "policy file, not a checkpoint"),
+        (["--resume", str(good), "--out", str(tmp_path / "other")], "holds another run"),
+        (["--resume", str(good), "--max-kl", "0.05"], "--max-kl cannot change when resuming"),
+        (["--eval", str(tmp_path / "missing.npz")], "no policy or checkpoint file"),
+        (["--eval", str(tmp_path / "random.npz")], "not a readable policy or checkpoint"),
+        (["--eval", str(good), "--env", "LunarLander-v3"], "takes 4 observations and gives 2 actions"),
+        (["--eval", str(good), "--episodes", "0"], "--episodes must be positive"),
+    ]
+    for args, words in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert words in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, args
