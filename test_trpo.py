@@ -559,14 +559,16 @@ def processes_in_session(session_id):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name):
+@pytest.mark.parametrize("signal_name, scheme", [("SIGINT", "single"), ("SIGTERM", "single"), ("SIGINT", "vine")])
+def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name, scheme):
     import signal
     import time
     out = tmp_path / "run"
+    vine = ["--vine-states", "32", "--vine-horizon", "50"] if scheme == "vine" else []
     process = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "4",
-         "--steps-per-env", "64", "--hidden", "16", "16", "--save-every", "1000", "--out", str(out)],
+         "--steps-per-env", "64", "--hidden", "16", "16", "--save-every", "1000", "--out", str(out),
+         "--scheme", scheme, *vine],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 60
     while time.time() < deadline:  # wait until a few iterations are done
@@ -662,3 +664,190 @@ def test_bad_checkpoints_and_folders_are_one_sentence_and_exit_code_2(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert words in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, args
+
+
+# ----------------------------------------------------------------------------
+# The vine (Sec. 5.2): exact restore, common random numbers, Eq. (15) and (16)
+# ----------------------------------------------------------------------------
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is not available")
+
+
+def lander_trajectory(seed=5, steps=60, branch_at=25):
+    """Step a lander with fixed random actions; at step `branch_at` also run the rest of the
+    actions in a forked copy and by seeded replay. Returns (original, forked, replayed) as lists of
+    (observation, reward) from branch_at on."""
+    actions = [int(a) for a in np.random.default_rng(seed).integers(4, size=steps)]
+    env = T.make_env("LunarLander-v3")
+    env.reset(seed=seed)
+
+    def rest_of_trajectory(env):
+        return [(obs.copy(), reward) for obs, reward, *_ in (env.step(a) for a in actions[branch_at:])]
+    pool = T.ForkPool(max_children=2)
+    original = []
+    for t, a in enumerate(actions):
+        if t == branch_at:
+            pool.submit("fork", lambda: rest_of_trajectory(env))
+            original = rest_of_trajectory(env)  # the parent goes on along the same actions
+            break
+        env.step(a)
+    forked = pool.gather()["fork"]
+    replayed = rest_of_trajectory(T.replay_env("LunarLander-v3", seed, actions[:branch_at]))
+    return original, forked, replayed
+
+
+@needs_fork
+def test_fork_and_replay_restore_a_lander_state_bit_for_bit():
+    original, forked, replayed = lander_trajectory()
+    assert len(original) == 35
+    for (o1, r1), (o2, r2), (o3, r3) in zip(original, forked, replayed):
+        assert np.array_equal(o1, o2) and r1 == r2
+        assert np.array_equal(o1, o3) and r1 == r3
+
+
+@needs_fork
+def test_common_random_numbers_give_equal_q_for_equal_actions(rng):
+    net = MLP([8, 16, 4])
+    theta = net.init(rng, output_gain=1.0)
+    env = T.make_env("LunarLander-v3")
+    env.reset(seed=3)
+    uniforms, other = rng.random(50), rng.random(50)
+    pool = T.ForkPool(max_children=4)
+    pool.submit("a", lambda: T.branch_rollout(env, 2, net, theta, uniforms, 0.99))
+    pool.submit("b", lambda: T.branch_rollout(env, 2, net, theta, uniforms, 0.99))
+    pool.submit("c", lambda: T.branch_rollout(env, 2, net, theta, other, 0.99))
+    q = pool.gather()
+    assert q["a"] == q["b"]  # same state, same action, same numbers: the same Q, exactly
+    assert q["a"] != q["c"]  # other numbers, another path (so the test above is not vacuous)
+    assert q["a"][1] == 50
+
+
+def test_branch_rollout_discounts_and_bootstraps(rng):
+    # CartPole pays 1 per step: Q of a 10-step branch is sum_l gamma^l = (1 - g^10) / (1 - g), plus g^10 V.
+    net = MLP([4, 8, 2])
+    theta = net.init(rng)
+    value_fn = T.ValueFunction(MLP([4, 8, 1]), rng, lr=1e-3)
+    W, b = value_fn.net.unflatten(value_fn.phi)[-1]
+    W[:], b[:], value_fn.mean = 0.0, 0.0, 5.0  # V(s) = 5 everywhere
+    env = gym.make("CartPole-v1")
+    env.reset(seed=0)
+    g = 0.9
+    q, steps = T.branch_rollout(env, 0, net, theta, np.full(10, 0.5), g, value_fn)
+    if steps == 10:  # the pole did not fall
+        assert np.isclose(q, (1 - g ** 10) / (1 - g) + g ** 10 * 5.0, rtol=1e-9)
+    env.reset(seed=0)
+    q_mc, _ = T.branch_rollout(env, 0, net, theta, np.full(10, 0.5), g, None)
+    assert np.isclose(q_mc, (1 - g ** steps) / (1 - g), rtol=1e-12)
+
+
+def test_all_actions_gradient_matches_finite_differences(small_net, rng):
+    net, theta, _ = small_net
+    states = rng.standard_normal((7, 3))
+    Q = rng.standard_normal((7, 3)) * 10
+    logits, cache = net.forward(theta, states)
+    L, dL_dlogits = T.all_actions_surrogate(logits, Q)
+    assert np.isclose(L, np.mean((softmax(logits) * Q).sum(axis=1)), rtol=1e-12)
+    analytic = net.backward(theta, cache, dL_dlogits)
+    numeric = numerical_gradient(lambda th: T.all_actions_surrogate(net.forward(th, states)[0], Q)[0], theta)
+    assert relative_error(analytic, numeric) < 1e-6
+
+
+def test_importance_sampled_gradient_matches_finite_differences(small_net, rng):
+    net, theta, _ = small_net
+    states = rng.standard_normal((5, 3))
+    actions = rng.integers(3, size=(5, 4))  # K = 4 draws per state, repeats allowed
+    proposal = rng.uniform(0.2, 0.5, size=(5, 4))
+    Q = rng.standard_normal((5, 4)) * 10
+    logits, cache = net.forward(theta, states)
+    analytic = net.backward(theta, cache, T.importance_sampled_surrogate(logits, actions, proposal, Q)[1])
+    numeric = numerical_gradient(
+        lambda th: T.importance_sampled_surrogate(net.forward(th, states)[0], actions, proposal, Q)[0], theta)
+    assert relative_error(analytic, numeric) < 1e-6
+
+
+def test_importance_sampling_estimator_matches_the_all_actions_value(rng):
+    # A toy state with known Q: the Eq. (16) estimate of sum_a pi_theta(a) Q(a), with actions drawn from
+    # q, averaged over many draws, must match the exact value; weighting by 1/pi_old instead of 1/q
+    # (a plausible bug when q is uniform) is off by far more than the bound.
+    Q = np.array([1.0, 5.0, -2.0, 8.0])
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]]))  # pi_theta
+    pi_old = np.array([0.4, 0.3, 0.2, 0.1])
+    exact = float(softmax(logits)[0] @ Q)  # 3.8
+    K, draws = 32, 4000
+    for q in (np.full(4, 0.25), pi_old):
+        estimates, wrong = [], []
+        for _ in range(draws):
+            a = rng.choice(4, size=(1, K), p=q)
+            estimates.append(T.importance_sampled_surrogate(logits, a, q[a], Q[a])[0])
+            wrong.append(T.importance_sampled_surrogate(logits, a, pi_old[a], Q[a])[0])
+        estimates, wrong = np.array(estimates), np.array(wrong)
+        # self-normalised: bias O(1/K), well inside 0.1 here; the sampling error is 4 standard errors
+        bound = 0.1 + 4 * estimates.std() / np.sqrt(draws)
+        assert abs(estimates.mean() - exact) < bound
+        if q is not pi_old:
+            assert abs(wrong.mean() - exact) > 5 * bound
+
+
+@needs_fork
+def test_a_killed_branch_process_is_reported():
+    import signal
+    import time
+    pool = T.ForkPool(max_children=2, timeout=30)
+    pool.submit("slow", lambda: time.sleep(30))
+    pid = next(iter(pool.running.values()))[0]
+    os.kill(pid, signal.SIGKILL)
+    start = time.time()
+    with pytest.raises(RuntimeError, match="killed by signal 9"):
+        pool.gather()
+    assert time.time() - start < 5 and not pool.running
+
+
+@needs_fork
+def test_a_hung_branch_process_is_stopped_not_waited_for():
+    import time
+    pool = T.ForkPool(max_children=2, timeout=1.0)
+    pool.submit("hangs", lambda: time.sleep(60))
+    pid = next(iter(pool.running.values()))[0]
+    start = time.time()
+    with pytest.raises(RuntimeError, match="no branch process answered"):
+        pool.gather()
+    assert time.time() - start < 5
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # already reaped: nothing left behind
+
+
+def vine_config(tmp_path, name, **overrides):
+    settings = dict(scheme="vine", vine_states=6, vine_horizon=15, steps_per_env=8, num_envs=2)
+    settings.update(overrides)
+    return short_config(tmp_path, name, **settings)
+
+
+@needs_fork
+def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
+    batches = {}
+    for restore in ("fork", "replay"):
+        cfg = vine_config(tmp_path, restore, vine_restore=restore)
+        run_rng = np.random.default_rng(0)
+        net = MLP([4, 8, 2])
+        theta = net.init(run_rng)
+        value_fn = T.ValueFunction(MLP([4, 8, 1]), run_rng, lr=1e-3)
+        sampler = T.make_sampler(cfg, run_rng, value_fn, 2)
+        sampler.sample(net, theta, 8)  # a second batch starts mid-episode: replay must cover that
+        batches[restore] = sampler.sample(net, theta, 8)
+        sampler.close()
+    fork, replay = batches["fork"], batches["replay"]
+    assert fork["Q"].shape == (6, 2) and np.all(np.isfinite(fork["Q"]))
+    assert np.array_equal(fork["Q"], replay["Q"])
+    assert fork["branch_steps"] == replay["branch_steps"] > 6
+    # rollout states are trunk states, in (t, e) order
+    for s in fork["rollout_states"]:
+        assert any(np.array_equal(s, o) for o in fork["obs"].reshape(-1, 4))
+
+
+@needs_fork
+def test_vine_trains_end_to_end_with_both_estimators(tmp_path):
+    for name, extra in (("all", {}), ("sampled", dict(vine_actions=3, vine_proposal="pi_old"))):
+        _, theta, history = T.train(vine_config(tmp_path, name, total_steps=64, **extra), verbose=False)
+        assert len(history) == 4 and all(row["rollout_states"] == 6 for row in history)
+        assert sum(row["accepted"] for row in history) >= 3 and np.all(np.isfinite(theta))
+        assert all(0 < row["kl"] <= 0.01 for row in history if row["accepted"])

@@ -32,20 +32,22 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import ctypes
 import argparse
 import csv
+import ctypes
 import dataclasses
 import json
-import math
+import pickle
+import select
+import signal
 import sys
 import time
-from collections import deque
+import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from network import MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, sample, softmax
+from network import MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, log_softmax, sample, softmax
 
 
 def keep_freed_memory():
@@ -88,8 +90,8 @@ def option(default, help, **extra):
 
 @dataclass
 class Config:
-    scheme: str = option("single", "sampling scheme: 'single' path (TRPO Sec. 5.1)",
-                         choices=["single"])
+    scheme: str = option("single", "sampling scheme: 'single' path (TRPO Sec. 5.1) or 'vine' (Sec. 5.2)",
+                         choices=["single", "vine"])
     env: str = option("LunarLander-v3", "Gymnasium environment id; needs a Box observation and a Discrete action space")
     seed: int = option(0, "random seed for networks, action sampling and environment resets; "
                           "the same seed gives the same run, to the bit, on the same machine")
@@ -119,6 +121,17 @@ class Config:
     vf_lr: float = option(1e-3, "Adam learning rate of the value network")
     vf_epochs: int = option(5, "passes over the batch when fitting the value network each iteration")
     vf_minibatch: int = option(256, "minibatch size of the value-network fit")
+    vine_states: int = option(256, "vine: N, states in the rollout set, drawn from the trunk each iteration")
+    vine_horizon: int = option(100, "vine: H, steps of each branch (the first is the branched action)")
+    vine_actions: int = option(0, "vine: 0 branches on every action (all-actions estimator, Eq. 15); K > 0 "
+                                  "branches on K actions drawn from q (importance sampling, Eq. 16)")
+    vine_proposal: str = option("uniform", "vine with K > 0: q, the distribution the K actions are drawn from",
+                                choices=["uniform", "pi_old"])
+    vine_bootstrap: bool = option(True, "vine: add gamma^H V(s_H) to a branch that has not ended "
+                                        "(--no-vine-bootstrap: the paper's pure Monte-Carlo Q)")
+    vine_restore: str = option("fork", "vine: how a trunk state is restored: 'fork' copies the process "
+                                       "(exact, a few ms); 'replay' re-runs the episode from its seed "
+                                       "(exact, slow; used where fork is missing)", choices=["fork", "replay"])
     save_every: int = option(10, "write <out>/checkpoint.npz every this many iterations (and always at the end)")
     out: str = option("", "output folder for progress.csv, config.json, policy.npz and plots "
                           "(default runs/<scheme>-seed<seed>)")
@@ -133,7 +146,8 @@ class Config:
     def validate(self):
         """Raise UserError, in one sentence, for any value the algorithm cannot run with."""
         positive = ["total_steps", "num_envs", "workers", "steps_per_env", "max_kl", "fisher_subsample", "cg_iters", "max_backtracks",
-                    "vf_lr", "vf_epochs", "vf_minibatch", "save_every"]
+                    "vf_lr", "vf_epochs", "vf_minibatch", "save_every",
+                    "vine_states", "vine_horizon"]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
@@ -145,6 +159,8 @@ class Config:
             raise UserError(f"--lam must be in [0, 1], got {self.lam}.")
         if not 0 < self.backtrack_coeff < 1:
             raise UserError(f"--backtrack-coeff must be in (0, 1), got {self.backtrack_coeff}.")
+        if not self.vine_actions >= 0:
+            raise UserError(f"--vine-actions must be 0 (all actions) or positive, got {self.vine_actions}.")
         if not self.hidden or any(n < 1 for n in self.hidden):
             raise UserError(f"--hidden needs one or more positive layer sizes, got {list(self.hidden)}.")
 
@@ -192,25 +208,30 @@ class SinglePathSampler:
 
     Episodes carry over from one batch to the next: an episode cut by the end of a
     batch is continued in the next one, and its value bootstrap covers the cut.
-    Environment e is seeded once with env_seeds[e]; its later episodes follow from its
-    own seeded state. Its actions are drawn with its own generator, so a run is
-    reproducible from --seed, and the same environment follows the same trajectory
-    whether it runs in this process or in a worker (ParallelSampler).
+    Environment e draws its actions, and the seed each of its episodes is reset with,
+    from its own generator: a run is reproducible from --seed, the same environment
+    follows the same trajectory whether it runs in this process or in a worker
+    (ParallelSampler), and any state can be rebuilt by replaying its episode's actions
+    from the episode's seed (the vine's fallback where fork is missing).
     """
 
     def __init__(self, envs, env_seeds, action_seeds):
         self.envs = envs
         self.action_rngs = [np.random.default_rng(int(s)) for s in action_seeds]
-        self.obs = np.array([env.reset(seed=int(s))[0] for env, s in zip(envs, env_seeds)], dtype=np.float64)
+        self.episode_seed = [int(s) for s in env_seeds]
+        self.episode_actions = [[] for _ in envs]  # the current episode's actions so far, for replay
+        self.obs = np.array([env.reset(seed=s)[0] for env, s in zip(envs, self.episode_seed)], dtype=np.float64)
         self.episode_return = np.zeros(len(envs))  # running return of each environment's current episode
 
-    def sample(self, net, theta, steps):
+    def sample(self, net, theta, steps, branch_points=None, branch=None):
         """Step every environment `steps` times under pi_theta. Returns a dict of (T, E, ...) arrays.
 
         `next_obs[t, e]` is the observation that really followed action t, the final one
         when the episode ended there (before the reset): V(next_obs) is what a truncated
         episode, or the batch's last step, bootstraps with. `episode_return[t, e]` is the
         return of the episode that ended at step t, NaN where none ended.
+        The vine passes a (T, E) mask `branch_points`: at those states `branch(t, e, self)`
+        is called before environment e takes its step t, to start rollouts from there.
         """
         E, D = self.obs.shape
         batch = {
@@ -227,11 +248,15 @@ class SinglePathSampler:
         for t in range(steps):
             logits, _ = net.forward(theta, self.obs)  # (E, A): ONE forward pass for all environments
             actions = sample(logits, [rng.random() for rng in self.action_rngs])
+            self.last_logits = logits
             batch["obs"][t] = self.obs
             batch["actions"][t] = actions
             logits_steps.append(logits)
             for e, env in enumerate(self.envs):
+                if branch_points is not None and branch_points[t, e]:
+                    branch(t, e, self)
                 obs, reward, terminated, truncated, _ = env.step(int(actions[e]))
+                self.episode_actions[e].append(int(actions[e]))
                 batch["rewards"][t, e] = reward
                 batch["next_obs"][t, e] = obs
                 self.episode_return[e] += reward
@@ -240,7 +265,9 @@ class SinglePathSampler:
                     batch["truncated"][t, e] = truncated
                     batch["episode_return"][t, e] = self.episode_return[e]
                     self.episode_return[e] = 0.0
-                    obs, _ = env.reset()
+                    self.episode_seed[e] = int(self.action_rngs[e].integers(TRAIN_SEED_LIMIT))
+                    self.episode_actions[e] = []
+                    obs, _ = env.reset(seed=self.episode_seed[e])
                 self.obs[e] = obs
         batch["logits"] = np.array(logits_steps)  # (T, E, A), pi_old's logits at every state
         return batch
@@ -252,7 +279,6 @@ class SinglePathSampler:
 
 def sampler_worker(connection, env_id, env_seeds, action_seeds):
     """Body of a worker process: own a SinglePathSampler, answer (sizes, theta, steps) with a batch."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     sampler = SinglePathSampler([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
     try:
@@ -313,10 +339,211 @@ class ParallelSampler:
                 process.join()
 
 
-def make_sampler(cfg, rng):
-    """A sampler for cfg.num_envs environments, seeded from rng; worker processes if cfg.workers > 1."""
+# ----------------------------------------------------------------------------
+# 1b. Sampling: the vine scheme (TRPO Sec. 5.2)
+# ----------------------------------------------------------------------------
+
+class ForkPool:
+    """Runs functions in forked copies of this process, at most `max_children` at a time.
+
+    os.fork() copies the whole process, the simulator included, exactly (copy-on-write:
+    a few ms, however long the episode has been): the child carries on from the very
+    state the parent was in. That is how the vine restores a LunarLander state, which
+    Box2D cannot save (copy.deepcopy gives an env whose bodies are gone). Each child
+    sends its result back through a pipe and exits; results are collected by key.
+    A child that dies is reported, and one that hangs for `timeout` seconds is stopped.
+    """
+
+    def __init__(self, max_children, timeout=120.0):
+        self.max_children, self.timeout = max_children, timeout
+        self.running = {}  # read end of the child's pipe -> (pid, key, bytes received so far)
+        self.results = {}
+
+    def submit(self, key, function):
+        """Fork; the child runs function() and sends back what it returns."""
+        while len(self.running) >= self.max_children:
+            self._collect_some()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: compute, send, and leave without running any of the parent's cleanup
+            status = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children itself
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.close(read_end)
+                with os.fdopen(write_end, "wb") as pipe:
+                    pipe.write(pickle.dumps(function()))
+                status = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        self.running[read_end] = (pid, key, bytearray())
+
+    def _collect_some(self):
+        """Read from whichever children have written; reap those that finished."""
+        ready, _, _ = select.select(list(self.running), [], [], self.timeout)
+        if not ready:
+            self.close()
+            raise RuntimeError(f"no branch process answered for {self.timeout:.0f} s; all were stopped")
+        for read_end in ready:
+            pid, key, received = self.running[read_end]
+            chunk = os.read(read_end, 1 << 16)
+            if chunk:
+                received.extend(chunk)
+                continue
+            os.close(read_end)  # end of file: the child has exited, or died
+            del self.running[read_end]
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            if code != 0 or not received:
+                self.close()
+                how = f"was killed by signal {-code}" if code < 0 else f"failed with exit code {code}"
+                raise RuntimeError(f"branch process {pid} {how}; its result is lost, so the iteration is too")
+            self.results[key] = pickle.loads(bytes(received))
+
+    def gather(self):
+        """Wait for every child; return {key: result} of all submitted since the last gather."""
+        while self.running:
+            self._collect_some()
+        results, self.results = self.results, {}
+        return results
+
+    def close(self):
+        """Kill and reap every child still running (Ctrl-C, an error): none is left behind."""
+        for read_end, (pid, _, _) in self.running.items():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            os.close(read_end)
+        self.running.clear()
+
+
+def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None):
+    """One branch of the vine: from env's current state take `first_action`, then follow pi_theta.
+
+    The branch runs H = len(uniforms) steps at most; step l samples its action with
+    uniforms[l], so branches given the same uniforms share their random numbers.
+    Returns (Q, steps), Q(s, a) = sum_l gamma^l r_l + gamma^H V(s_H): the value bootstrap
+    is added unless value_fn is None (the paper's pure Monte-Carlo form) or the episode
+    terminated; a time-limit truncation bootstraps like the horizon does.
+    """
+    obs, reward, terminated, truncated, _ = env.step(int(first_action))
+    q, discount, steps = reward, gamma, 1
+    while steps < len(uniforms) and not (terminated or truncated):
+        logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
+        action = int(sample(logits, uniforms[steps:steps + 1])[0])
+        obs, reward, terminated, truncated, _ = env.step(action)
+        q += discount * reward
+        discount *= gamma
+        steps += 1
+    if value_fn is not None and not terminated:
+        q += discount * value_fn.predict(np.asarray(obs, dtype=np.float64)[None])[0]
+    return q, steps
+
+
+def replay_env(env_id, seed, actions):
+    """Rebuild a state without fork: a new env, reset with the episode's seed, replaying its actions.
+
+    Exact, because the simulator is deterministic given its seed, but it costs one step
+    per step of the episode so far."""
+    env = make_env(env_id)
+    env.reset(seed=seed)
+    for action in actions:
+        env.step(action)
+    return env
+
+
+class VineSampler:
+    """The vine (TRPO Sec. 5.2): trunk trajectories under pi_old, and branches from a rollout set of their states.
+
+    Each iteration: pick N of the trunk's T x E states at random (the rollout set); as
+    the trunk passes one of them, restore the simulator there once per action in the
+    state's action set, take that action, then follow pi_old for H steps: Q(s_n, a).
+    The action set is every action (the all-actions estimator, Eq. 15) or K draws from
+    q (uniform, or pi_old), for the importance-sampling estimator of Eq. (16). All
+    branches from one state share one stream of random numbers (common random numbers),
+    so the differences between their Q values, which drive the update, have low variance.
+    """
+
+    def __init__(self, trunk, cfg, value_fn, rng, num_actions):
+        self.trunk, self.cfg, self.value_fn, self.rng = trunk, cfg, value_fn, rng
+        self.num_actions = num_actions
+        self.restore = cfg.vine_restore
+        if self.restore == "fork" and not hasattr(os, "fork"):
+            print("note: os.fork is not available here; the vine restores states by seeded replay, "
+                  "which is exact but slower.", file=sys.stderr)
+            self.restore = "replay"
+        self.pool = ForkPool(max_children=cfg.workers) if self.restore == "fork" else None
+
+    def action_set(self, trunk_logits):
+        """The actions to branch on from one state, and q(a|s) for each (None for all actions)."""
+        A, K = self.num_actions, self.cfg.vine_actions
+        if K == 0:
+            return np.arange(A), None
+        q = np.full(A, 1.0 / A) if self.cfg.vine_proposal == "uniform" else softmax(trunk_logits[None])[0]
+        actions = self.rng.choice(A, size=K, p=q)
+        return actions, q[actions]
+
+    def sample(self, net, theta, steps):
+        """Trunk batch (as SinglePathSampler's) plus rollout_states (N, D), their Q estimates and action sets."""
+        cfg, E = self.cfg, len(self.trunk.envs)
+        N = min(cfg.vine_states, steps * E)
+        rollout = np.zeros((steps, E), dtype=bool)
+        rollout.flat[self.rng.choice(steps * E, size=N, replace=False)] = True
+        uniforms = self.rng.random((N, cfg.vine_horizon))  # one stream per state, shared by its branches
+        bootstrap = self.value_fn if cfg.vine_bootstrap else None
+        action_sets, proposal, replayed = [], [], {}
+        started = time.perf_counter()
+
+        def branch(t, e, trunk):
+            n = len(action_sets)  # states arrive in (t, e) order: the rollout set's row-major order
+            actions, q = self.action_set(trunk.last_logits[e])
+            action_sets.append(actions)
+            proposal.append(q)
+            for a in np.unique(actions):  # a repeated draw shares its branch: same action, same numbers
+                if self.pool is not None:
+                    self.pool.submit((n, a), lambda a=a: branch_rollout(
+                        trunk.envs[e], a, net, theta, uniforms[n], cfg.gamma, bootstrap))
+                else:
+                    env = replay_env(cfg.env, trunk.episode_seed[e], trunk.episode_actions[e])
+                    replayed[(n, a)] = branch_rollout(env, a, net, theta, uniforms[n], cfg.gamma, bootstrap)
+                    env.close()
+
+        batch = self.trunk.sample(net, theta, steps, branch_points=rollout, branch=branch)
+        results = self.pool.gather() if self.pool is not None else replayed
+        Q = np.full((N, self.num_actions), np.nan)
+        for (n, a), (q_value, _) in results.items():
+            Q[n, a] = q_value
+        batch.update(
+            rollout_states=batch["obs"][rollout],  # (N, D) in row-major (t, e) order
+            rollout_logits=batch["logits"][rollout],
+            Q=Q,
+            action_sets=np.array(action_sets),
+            proposal=None if proposal[0] is None else np.array(proposal),
+            branch_steps=sum(s for _, s in results.values()),
+            restores=len(results),
+            branch_seconds=time.perf_counter() - started)
+        return batch
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+        self.trunk.close()
+
+
+def make_sampler(cfg, rng, value_fn, num_actions):
+    """The scheme's sampler for cfg.num_envs environments, seeded from rng.
+
+    Single path: worker processes if cfg.workers > 1. Vine: the trunk runs in this
+    process, which forks the branches, up to cfg.workers at a time."""
     env_seeds = rng.integers(TRAIN_SEED_LIMIT, size=cfg.num_envs)
     action_seeds = rng.integers(2 ** 63, size=cfg.num_envs)
+    if cfg.scheme == "vine":
+        trunk = SinglePathSampler([make_env(cfg.env) for _ in range(cfg.num_envs)], env_seeds, action_seeds)
+        return VineSampler(trunk, cfg, value_fn, rng, num_actions)
     if cfg.workers > 1:
         return ParallelSampler(cfg.env, env_seeds, action_seeds, min(cfg.workers, cfg.num_envs))
     return SinglePathSampler([make_env(cfg.env) for _ in range(cfg.num_envs)], env_seeds, action_seeds)
@@ -383,7 +610,7 @@ def estimate_advantages(batch, value_fn, cfg):
 
 
 # ----------------------------------------------------------------------------
-# 3. The surrogate objective (Eq. 14) and the mean KL (Eq. 12)
+# 3. The surrogate objectives (Eq. 14 single path, Eq. 15 and 16 vine) and the mean KL (Eq. 12)
 # ----------------------------------------------------------------------------
 
 def surrogate(logits, actions, logp_old, advantages):
@@ -398,6 +625,37 @@ def surrogate(logits, actions, logp_old, advantages):
     grad[np.arange(N), actions] += 1.0
     grad *= (ratio * advantages / N)[:, None]
     return np.mean(ratio * advantages), grad
+
+
+def all_actions_surrogate(logits, Q):
+    """Vine surrogate with every action branched (Eq. 15): L = mean_n sum_a pi_theta(a|s_n) Q(s_n, a).
+
+    Returns (L, dL/dlogits). With V_n = sum_a p_n,a Q_n,a, the gradient is
+    dL/dz_n = p_n * (Q_n - V_n) / N: the advantage Q - V appears by itself."""
+    p = softmax(logits)
+    V = (p * Q).sum(axis=1, keepdims=True)  # (N, 1)
+    return float(V.mean()), p * (Q - V) / len(Q)
+
+
+def importance_sampled_surrogate(logits, actions, proposal, Q):
+    """Vine surrogate with K sampled actions per state, self-normalised importance sampling (Eq. 16):
+
+        L_n = sum_k w_k Q_k / sum_k w_k,   w_k = pi_theta(a_k|s_n) / q(a_k|s_n),   L = mean_n L_n.
+
+    `actions`, `proposal` (q of each drawn action) and `Q` are (N, K). Returns (L, dL/dlogits).
+    With W = sum_k w_k and dw_k/dz = w_k (onehot(a_k) - p):
+        dL_n/dz = sum_k (w_k / W) (Q_k - L_n) (onehot(a_k) - p).
+    (The p term sums to zero, since sum_k w_k (Q_k - L_n) = 0; it is kept to show the chain rule.)"""
+    N = len(actions)
+    p = softmax(logits)
+    w = np.exp(np.take_along_axis(log_softmax(logits), actions, axis=1)) / proposal  # (N, K)
+    W = w.sum(axis=1, keepdims=True)
+    L_n = (w * Q).sum(axis=1, keepdims=True) / W  # (N, 1)
+    c = w / W * (Q - L_n)  # (N, K)
+    grad = np.zeros_like(logits)
+    np.add.at(grad, (np.arange(N)[:, None], actions), c)  # sum_k c_k onehot(a_k); repeated actions add up
+    grad -= c.sum(axis=1, keepdims=True) * p
+    return float(L_n.mean()), grad / N
 
 
 def mean_kl(logits_old, logits_new):
@@ -588,7 +846,8 @@ def explained_variance(prediction, target):
 
 PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "accepted",
                     "expected_improve", "actual_improve", "entropy", "value_loss", "explained_variance",
-                    "steps_per_s", "wall_s"]
+                    "steps_per_s", "wall_s", "trunk_steps", "branch_steps", "rollout_states", "restores_per_s"]
+SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
 POLICY_FORMAT = "trpo-numpy policy v1"
 
@@ -740,7 +999,7 @@ def save_plots(history, out_dir, cfg):
     steps = col["env_steps"]
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, col["rolling_return"], label=f"{cfg.scheme} path, seed {cfg.seed}")
+    ax.plot(steps, col["rolling_return"], label=f"{SCHEME_NAMES[cfg.scheme]}, seed {cfg.seed}")
     ax.axhline(200, color="gray", linestyle="--", label="solved (200)")
     ax.set(xlabel="environment steps", ylabel="mean return of last 100 episodes", title=f"TRPO on {cfg.env}")
     ax.legend(loc="lower right")
@@ -777,45 +1036,73 @@ def format_log_line(row):
             f"({row['episodes']} ep) | kl {row['kl']:.4f} | backtracks {row['backtracks']} | "
             f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
             f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
-            f"{row['steps_per_s']:,.0f} steps/s")
+            f"{row['steps_per_s']:,.0f} steps/s"
+            + (f" | vine: {row['rollout_states']} states, {row['branch_steps']:,} branch steps, "
+               f"{row['restores_per_s']:,.0f} restores/s" if row["rollout_states"] else ""))
 
 
 # ----------------------------------------------------------------------------
 # The training loop (Algorithm 1)
 # ----------------------------------------------------------------------------
 
-def single_path_iteration(state, sampler):
-    """One iteration of Algorithm 1 with the single-path scheme; updates state, returns its log row."""
+def single_path_problem(batch, advantages):
+    """The states and surrogate of the single-path step (Eq. 14) for a batch and its advantages."""
+    num_actions = batch["logits"].shape[-1]
+    states = batch["obs"].reshape(-1, batch["obs"].shape[-1])
+    actions = batch["actions"].ravel()
+    logp_old = log_prob(batch["logits"].reshape(-1, num_actions), actions)
+
+    def surrogate_of_logits(logits):
+        return surrogate(logits, actions, logp_old, advantages)
+    return states, surrogate_of_logits
+
+
+def vine_problem(batch):
+    """The states and surrogate of the vine step: the rollout set, with Eq. (15) or Eq. (16)."""
+    Q, action_sets = batch["Q"], batch["action_sets"]
+    if batch["proposal"] is None:
+        def surrogate_of_logits(logits):
+            return all_actions_surrogate(logits, Q)
+    else:
+        Q_drawn = np.take_along_axis(Q, action_sets, axis=1)  # (N, K): Q of each drawn action
+
+        def surrogate_of_logits(logits):
+            return importance_sampled_surrogate(logits, action_sets, batch["proposal"], Q_drawn)
+    return batch["rollout_states"], surrogate_of_logits
+
+
+def train_iteration(state, sampler):
+    """One iteration of Algorithm 1; updates state and returns its row of progress.csv."""
     cfg, policy_net, value_fn = state.cfg, state.policy_net, state.value_fn
     start = time.perf_counter()
-    # 1. sample with pi_old
+    # 1. sample with pi_old (the vine's trunk and branches, or the single paths)
     batch = sampler.sample(policy_net, state.theta, cfg.steps_per_env)
     ended = batch["episode_return"]
     state.episode_returns.extend(ended[~np.isnan(ended)])
     state.env_steps += cfg.batch_size
-    obs_dim, num_actions = policy_net.sizes[0], policy_net.sizes[-1]
-    states = batch["obs"].reshape(cfg.batch_size, obs_dim)
-    actions = batch["actions"].ravel()
-    logp_old = log_prob(batch["logits"].reshape(cfg.batch_size, num_actions), actions)
 
-    # 2. advantages
+    # 2. advantages on the (trunk) trajectories; the value function learns from them in both schemes
     advantages, value_targets, values = estimate_advantages(batch, value_fn, cfg)
     if cfg.normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-    # 3.-6. the trust-region step on the surrogate of Eq. (14)
-    def surrogate_of_logits(logits):
-        return surrogate(logits, actions, logp_old, advantages)
+    # 3.-6. the trust-region step on the scheme's surrogate
+    if cfg.scheme == "vine":
+        states, surrogate_of_logits = vine_problem(batch)
+    else:
+        states, surrogate_of_logits = single_path_problem(batch, advantages)
     state.theta, step = trpo_step(policy_net, state.theta, states, surrogate_of_logits, cfg)
 
     # 7. refit the value function for the next iteration's advantages
+    trunk_states = batch["obs"].reshape(cfg.batch_size, -1)
     if np.all(np.isfinite(value_targets)):
-        value_loss = value_fn.fit(states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, state.rng)
+        value_loss = value_fn.fit(trunk_states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, state.rng)
     else:  # one bad number would poison every weight of V; skip this batch's fit instead
         value_loss = float("nan")
         step["skipped"] = step.get("skipped", "") + "; value targets not finite, value fit skipped"
 
     recent = state.episode_returns[-100:]
+    seconds = time.perf_counter() - start
     return {
         "iteration": state.iteration,
         "env_steps": state.env_steps,
@@ -829,7 +1116,11 @@ def single_path_iteration(state, sampler):
         "entropy": step["entropy"],
         "value_loss": value_loss,
         "explained_variance": explained_variance(values, value_targets),
-        "steps_per_s": cfg.batch_size / (time.perf_counter() - start),
+        "steps_per_s": cfg.batch_size / seconds,
+        "trunk_steps": cfg.batch_size,
+        "branch_steps": batch.get("branch_steps", 0),
+        "rollout_states": len(states) if cfg.scheme == "vine" else 0,
+        "restores_per_s": batch.get("restores", 0) / batch.get("branch_seconds", seconds),
         "skipped": step.get("skipped", "").lstrip("; "),
     }
 
@@ -840,6 +1131,7 @@ def train(cfg, verbose=True, resume=None):
 
     Returns (policy_net, theta, history) where history holds one dict per iteration."""
     from tqdm import tqdm
+    tqdm.monitor_interval = 0  # no monitor thread: the vine forks this process, and fork copies only one thread
 
     cfg.validate()
     out_dir = cfg.out_dir()
@@ -867,7 +1159,7 @@ def train(cfg, verbose=True, resume=None):
 
     # After a resume, the simulators cannot be restored (Box2D state is not saved): the
     # environments start new episodes, seeded from the restored generator.
-    sampler = make_sampler(cfg, rng)
+    sampler = make_sampler(cfg, rng, value_fn, num_actions)
     snapshot = state.snapshot()
     start = time.perf_counter() - state.wall_s
     bar = tqdm(total=cfg.total_steps, initial=state.env_steps, unit="step", unit_scale=True,
@@ -875,7 +1167,7 @@ def train(cfg, verbose=True, resume=None):
     try:
         while state.env_steps < cfg.total_steps:
             state.iteration += 1
-            row = single_path_iteration(state, sampler)
+            row = train_iteration(state, sampler)
             state.wall_s = row["wall_s"] = time.perf_counter() - start
             state.history.append(row)
             writer.writerow(row)
@@ -1058,7 +1350,6 @@ def main(argv=None):
 
 def stop_on_sigterm():
     """Treat SIGTERM (kill, a cluster's time limit) like Ctrl-C: stop cleanly and keep the work."""
-    import signal
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
