@@ -357,12 +357,14 @@ class ForkPool:
     def __init__(self, max_children, timeout=120.0):
         self.max_children, self.timeout = max_children, timeout
         self.running = {}  # read end of the child's pipe -> (pid, key, bytes received so far)
+        self.exiting = []  # children that sent their result and are still tearing themselves down
         self.results = {}
 
     def submit(self, key, function):
         """Fork; the child runs function() and sends back what it returns."""
         while len(self.running) >= self.max_children:
             self._collect_some()
+        self._reap(block=False)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: compute, send, and leave without running any of the parent's cleanup
@@ -393,19 +395,32 @@ class ForkPool:
             if chunk:
                 received.extend(chunk)
                 continue
-            os.close(read_end)  # end of file: the child has exited, or died
+            os.close(read_end)  # end of file: the child has sent everything, or died
             del self.running[read_end]
-            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-            if code != 0 or not received:
+            try:
+                self.results[key] = pickle.loads(bytes(received))
+            except Exception:  # nothing, or half a result: find out why, and stop
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                 self.close()
                 how = f"was killed by signal {-code}" if code < 0 else f"failed with exit code {code}"
                 raise RuntimeError(f"branch process {pid} {how}; its result is lost, so the iteration is too")
-            self.results[key] = pickle.loads(bytes(received))
+            # Its exit (tearing down a copy of this process) takes a while: reap it later, not now.
+            self.exiting.append(pid)
+
+    def _reap(self, block):
+        """Collect the exit status of children that have sent their results (without waiting if not block)."""
+        still_exiting = []
+        for pid in self.exiting:
+            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+            if not done:
+                still_exiting.append(pid)
+        self.exiting = still_exiting
 
     def gather(self):
         """Wait for every child; return {key: result} of all submitted since the last gather."""
         while self.running:
             self._collect_some()
+        self._reap(block=True)
         results, self.results = self.results, {}
         return results
 
@@ -419,6 +434,7 @@ class ForkPool:
             os.waitpid(pid, 0)
             os.close(read_end)
         self.running.clear()
+        self._reap(block=True)
 
 
 def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None):
