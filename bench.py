@@ -1,21 +1,28 @@
 """bench.py: how fast TRPO learns LunarLander-v3 here, and how close to the simulator's speed it runs.
 
-For each seed it trains with the default hyperparameters (trpo_numpy.Config) and
-reports, in one table:
-  * the raw stepping rate of the bare simulator (one process, random actions),
-    measured just before that seed's run: the ceiling sampling is compared with;
-  * the run's end-to-end env steps per second (sampling AND updates), as a ratio
-    to that ceiling;
-  * the env steps and wall seconds at which the rolling 100-episode training mean
-    first reached 200;
-  * the final policy's mean return over evaluation episodes on seeds training never
-    used, greedy (most likely action) and sampled.
-It prints the table, writes it as Markdown and JSON under bench_results/, and plots
-every seed's learning curve to plots/<scheme>_learning_curves.png.
+Each seed trains with the scheme's default settings (trpo_numpy.Config and
+SCHEME_DEFAULTS). Measured in the same process, just before that seed's run:
+the raw stepping rate of the bare simulator (one environment, random actions),
+the ceiling that sampling is compared with.
+
+Single path (--scheme single), per seed: the end-to-end env steps per second
+(sampling AND updates) as a ratio to the ceiling; the env steps and wall seconds
+at which the rolling 100-episode training mean first reached 200; the final
+policy's mean return over evaluation episodes on seeds training never used,
+greedy (most likely action) and sampled.
+
+Vine (--scheme vine), per seed, until the rolling 100-episode trunk mean first
+reached 200 (the run stops there): iterations, trunk env steps, all simulated
+steps (trunk and branches) and wall seconds; the simulator's utilisation, i.e.
+simulated steps per second as a ratio of the ceiling times the cores; and the cost
+of one restore (fork) plus a branch, against plain env steps.
+
+It prints a Markdown table, writes it and a JSON file to bench_results/, and
+plots every seed's learning curve to plots/<scheme>_learning_curves.png.
 
 Usage:
   python bench.py --scheme single --seeds 0 1 2 3 4
-  python bench.py --scheme single --seeds 0 --total-steps 300000 --eval-episodes 20   # a quick look
+  python bench.py --scheme vine --seeds 0 1 2
 """
 
 import argparse
@@ -26,8 +33,10 @@ import time
 
 import trpo_numpy as T  # pins BLAS to one thread before NumPy loads
 import numpy as np
+from network import MLP
 
 SOLVED = 200.0
+VINE_MAX_ITERATIONS = 150
 
 
 def raw_ceiling(env_id, steps=20_000, seed=0):
@@ -45,46 +54,87 @@ def raw_ceiling(env_id, steps=20_000, seed=0):
     return rate
 
 
+def restore_cost(cfg, branches=100):
+    """Wall seconds of one fork-restore + a branch of cfg.vine_horizon steps + collecting its Q,
+    one at a time, with an untrained policy from states 50 steps into an episode."""
+    rng = np.random.default_rng(0)
+    env = T.make_env(cfg.env)
+    obs_dim, num_actions = T.env_dims(env)
+    net = MLP([obs_dim, *cfg.hidden, num_actions])
+    theta = net.init(rng, output_gain=0.01)
+    pool = T.ForkPool(max_children=1)
+    seconds, steps = 0.0, 0
+    for k in range(branches):
+        env.reset(seed=k)
+        for _ in range(50):
+            env.step(0)  # engines off: the lander falls, not yet landed
+        uniforms = rng.random(cfg.vine_horizon)
+        start = time.perf_counter()
+        pool.submit(k, lambda: T.branch_rollout(env, 0, net, theta, uniforms, cfg.gamma))
+        steps += pool.gather()[k][1]
+        seconds += time.perf_counter() - start
+    env.close()
+    return seconds / branches, steps / branches
+
+
 def first_crossing(history, threshold=SOLVED):
-    """(env_steps, wall_s) of the first iteration whose rolling return reached threshold, else (None, None)."""
-    for row in history:
-        if row["rolling_return"] >= threshold:
-            return row["env_steps"], row["wall_s"]
-    return None, None
+    """The first iteration's row whose rolling return reached threshold, else None."""
+    return next((row for row in history if row["rolling_return"] >= threshold), None)
 
 
 def bench_seed(scheme, seed, total_steps, eval_episodes, out_root):
     ceiling = raw_ceiling(T.Config.env, seed=seed)
     cfg = T.Config(scheme=scheme, seed=seed, total_steps=total_steps,
-                   out=os.path.join(out_root, f"{scheme}-seed{seed}"))
+                   out=os.path.join(out_root, f"{scheme}-seed{seed}"), **T.SCHEME_DEFAULTS[scheme])
+    if scheme == "vine":
+        cfg = T.dataclasses.replace(cfg, total_steps=VINE_MAX_ITERATIONS * cfg.batch_size, stop_return=SOLVED)
     net, theta, history = T.train(cfg, verbose=False)
-    steps_to_solve, seconds_to_solve = first_crossing(history)
+    solved = first_crossing(history)
     last = history[-1]
-    throughput = last["env_steps"] / last["wall_s"]
-    eval_rng = np.random.default_rng(seed)
-    greedy = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=True)
-    sampled = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=False, rng=eval_rng)
-    return {
+    result = {
         "seed": seed,
         "ceiling_steps_per_s": ceiling,
-        "train_steps_per_s": throughput,
-        "ratio_to_ceiling": throughput / ceiling,
-        "steps_to_200": steps_to_solve,
-        "seconds_to_200": seconds_to_solve,
-        "final_rolling_return": last["rolling_return"],
+        "iterations": last["iteration"],
         "total_env_steps": last["env_steps"],
         "total_wall_s": last["wall_s"],
-        "eval_greedy_mean": float(greedy.mean()), "eval_greedy_std": float(greedy.std()),
-        "eval_sampled_mean": float(sampled.mean()), "eval_sampled_std": float(sampled.std()),
+        "final_rolling_return": last["rolling_return"],
+        "steps_to_200": solved["env_steps"] if solved else None,
+        "seconds_to_200": solved["wall_s"] if solved else None,
+        "iterations_to_200": solved["iteration"] if solved else None,
         "curve": [(row["env_steps"], row["rolling_return"]) for row in history],
     }
+    if scheme == "single":
+        throughput = last["env_steps"] / last["wall_s"]
+        greedy = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=True)
+        sampled = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=False,
+                                    rng=np.random.default_rng(seed))
+        result.update(train_steps_per_s=throughput, ratio_to_ceiling=throughput / ceiling,
+                      eval_greedy_mean=float(greedy.mean()), eval_greedy_std=float(greedy.std()),
+                      eval_sampled_mean=float(sampled.mean()), eval_sampled_std=float(sampled.std()))
+    else:
+        simulated = last["env_steps"] + sum(row["branch_steps"] for row in history)
+        upto = [row for row in history if row["iteration"] <= (solved or last)["iteration"]]
+        seconds, branch_steps = restore_cost(cfg)
+        cores = os.cpu_count() or 1
+        result.update(simulated_steps=simulated,
+                      simulated_steps_to_200=sum(r["trunk_steps"] + r["branch_steps"] for r in upto) if solved else None,
+                      utilisation=simulated / last["wall_s"] / (ceiling * cores), cores=cores,
+                      restore_branch_ms=1e3 * seconds, restore_branch_steps=branch_steps,
+                      restore_branch_in_plain_steps=seconds * ceiling)
+    return result
 
 
 def fmt(value, spec, missing="never"):
     return missing if value is None else format(value, spec)
 
 
-def markdown_table(results, eval_episodes):
+def median_of(values):
+    """Median where None (never reached) counts as infinitely late."""
+    m = np.median([np.inf if v is None else v for v in values])
+    return None if np.isinf(m) else m
+
+
+def single_table(results, eval_episodes):
     lines = [
         "| seed | steps to 200 | seconds to 200 | env steps/s | raw ceiling steps/s | ratio | "
         f"greedy eval ({eval_episodes} ep) | sampled eval |",
@@ -96,16 +146,39 @@ def markdown_table(results, eval_episodes):
             f"{r['train_steps_per_s']:,.0f} | {r['ceiling_steps_per_s']:,.0f} | {r['ratio_to_ceiling']:.2f} | "
             f"{r['eval_greedy_mean']:.1f} ± {r['eval_greedy_std']:.1f} | "
             f"{r['eval_sampled_mean']:.1f} ± {r['eval_sampled_std']:.1f} |")
-    solved = [r["steps_to_200"] for r in results if r["steps_to_200"] is not None]
-    median = np.median([s if s is not None else np.inf for s in (r["steps_to_200"] for r in results)])
+    solved = sum(r["steps_to_200"] is not None for r in results)
     lines.append(
-        f"| **all** | median {fmt(None if np.isinf(median) else int(median), ',d')}, "
-        f"{len(solved)}/{len(results)} reached 200 | | "
+        f"| **median / mean** | {fmt(median_of([r['steps_to_200'] for r in results]), ',.0f')} "
+        f"({solved}/{len(results)} reached 200) | {fmt(median_of([r['seconds_to_200'] for r in results]), '.0f')} | "
         f"{np.mean([r['train_steps_per_s'] for r in results]):,.0f} | "
         f"{np.mean([r['ceiling_steps_per_s'] for r in results]):,.0f} | "
         f"{np.mean([r['ratio_to_ceiling'] for r in results]):.2f} | "
         f"{np.mean([r['eval_greedy_mean'] for r in results]):.1f} | "
         f"{np.mean([r['eval_sampled_mean'] for r in results]):.1f} |")
+    return "\n".join(lines)
+
+
+def vine_table(results):
+    lines = [
+        "| seed | iterations to 200 | trunk steps to 200 | simulated steps to 200 | seconds to 200 | "
+        "utilisation | raw ceiling steps/s | restore + branch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['seed']} | {fmt(r['iterations_to_200'], 'd', 'never in ' + str(r['iterations']))} | "
+            f"{fmt(r['steps_to_200'], ',d')} | {fmt(r['simulated_steps_to_200'], ',d')} | "
+            f"{fmt(r['seconds_to_200'], '.0f')} | {r['utilisation']:.2f} | {r['ceiling_steps_per_s']:,.0f} | "
+            f"{r['restore_branch_ms']:.1f} ms for {r['restore_branch_steps']:.0f} steps "
+            f"(= {r['restore_branch_in_plain_steps']:.0f} plain steps) |")
+    solved = sum(r["iterations_to_200"] is not None for r in results)
+    lines.append(
+        f"| **median** | {fmt(median_of([r['iterations_to_200'] for r in results]), '.0f')} "
+        f"({solved}/{len(results)} reached 200) | {fmt(median_of([r['steps_to_200'] for r in results]), ',.0f')} | "
+        f"{fmt(median_of([r['simulated_steps_to_200'] for r in results]), ',.0f')} | "
+        f"{fmt(median_of([r['seconds_to_200'] for r in results]), '.0f')} | "
+        f"{np.median([r['utilisation'] for r in results]):.2f} | "
+        f"{np.median([r['ceiling_steps_per_s'] for r in results]):,.0f} | |")
     return "\n".join(lines)
 
 
@@ -118,8 +191,9 @@ def plot_curves(results, scheme, path):
         steps, returns = zip(*r["curve"])
         ax.plot(steps, returns, label=f"seed {r['seed']}")
     ax.axhline(SOLVED, color="gray", linestyle="--", label="solved (200)")
-    ax.set(xlabel="environment steps", ylabel="mean return of last 100 episodes",
-           title=f"TRPO ({scheme} path) on LunarLander-v3, default settings")
+    ax.set(xlabel="environment steps" + (" (trunk)" if scheme == "vine" else ""),
+           ylabel="mean return of last 100 episodes",
+           title=f"TRPO ({T.SCHEME_NAMES[scheme]}) on LunarLander-v3, default settings")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -130,10 +204,11 @@ def plot_curves(results, scheme, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--scheme", default="single", choices=["single"], help="sampling scheme to benchmark")
+    parser.add_argument("--scheme", default="single", choices=["single", "vine"], help="sampling scheme")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
-    parser.add_argument("--total-steps", type=int, default=T.Config.total_steps, help="env steps per run")
-    parser.add_argument("--eval-episodes", type=int, default=100, help="evaluation episodes, greedy and sampled")
+    parser.add_argument("--total-steps", type=int, default=T.Config.total_steps,
+                        help=f"env steps per single-path run (the vine runs at most {VINE_MAX_ITERATIONS} iterations)")
+    parser.add_argument("--eval-episodes", type=int, default=100, help="single path: evaluation episodes")
     parser.add_argument("--out", default="bench_results", help="folder for the table, JSON and run outputs")
     args = parser.parse_args(argv)
 
@@ -141,22 +216,21 @@ def main(argv=None):
     os.makedirs("plots", exist_ok=True)
     results = []
     for seed in args.seeds:
-        print(f"seed {seed}: training {args.total_steps:,} steps ...", file=sys.stderr, flush=True)
+        print(f"seed {seed}: training ...", file=sys.stderr, flush=True)
         results.append(bench_seed(args.scheme, seed, args.total_steps, args.eval_episodes,
                                   os.path.join(args.out, "runs")))
         r = results[-1]
-        print(f"seed {seed}: 200 at {fmt(r['steps_to_200'], ',d')} steps, {r['train_steps_per_s']:,.0f} steps/s "
-              f"({r['ratio_to_ceiling']:.2f} of ceiling), greedy eval {r['eval_greedy_mean']:.1f}",
-              file=sys.stderr, flush=True)
+        print(f"seed {seed}: 200 at {fmt(r['steps_to_200'], ',d')} steps, iteration "
+              f"{fmt(r['iterations_to_200'], 'd')}, {fmt(r['seconds_to_200'], '.0f')} s", file=sys.stderr, flush=True)
 
-    table = markdown_table(results, args.eval_episodes)
+    table = single_table(results, args.eval_episodes) if args.scheme == "single" else vine_table(results)
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(table)
     with open(os.path.join(args.out, f"{args.scheme}.md"), "w") as f:
-        f.write(f"Produced by `{command}`\n\n{table}\n")
+        f.write(f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores.\n\n{table}\n")
     with open(os.path.join(args.out, f"{args.scheme}.json"), "w") as f:
-        json.dump({"command": command, "config": T.dataclasses.asdict(T.Config(scheme=args.scheme)),
-                   "results": results}, f, indent=1)
+        config = T.Config(scheme=args.scheme, **T.SCHEME_DEFAULTS[args.scheme])
+        json.dump({"command": command, "config": T.dataclasses.asdict(config), "results": results}, f, indent=1)
     plot_curves(results, args.scheme, os.path.join("plots", f"{args.scheme}_learning_curves.png"))
 
 

@@ -88,6 +88,11 @@ def option(default, help, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
+# Where the vine's best settings differ from the single path's (Config's defaults), for
+# options not given on the command line. Its trunk is short: the branches carry the signal.
+SCHEME_DEFAULTS = {"single": {}, "vine": {"steps_per_env": 128}}
+
+
 @dataclass
 class Config:
     scheme: str = option("single", "sampling scheme: 'single' path (TRPO Sec. 5.1) or 'vine' (Sec. 5.2)",
@@ -99,7 +104,8 @@ class Config:
     num_envs: int = option(8, "environments sampled side by side; the policy runs one batched forward pass for all")
     workers: int = option(2, "processes that step the environments in parallel (1 = all in this process); "
                              "a run is reproducible to the bit for the same seed and the same number of workers")
-    steps_per_env: int = option(512, "steps per environment per iteration; batch size = num_envs * steps_per_env")
+    steps_per_env: int = option(512, "steps per environment per iteration; batch size = num_envs * steps_per_env "
+                                     "(the vine's trunk: 128 unless given)")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
                                      "('--hidden 16 16' is the request notebook's 8-16-16-4 policy)", nargs="+")
     max_kl: float = option(0.01, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12)")
@@ -132,6 +138,8 @@ class Config:
     vine_restore: str = option("fork", "vine: how a trunk state is restored: 'fork' copies the process "
                                        "(exact, a few ms); 'replay' re-runs the episode from its seed "
                                        "(exact, slow; used where fork is missing)", choices=["fork", "replay"])
+    stop_return: float = option(None, "stop early once the mean return of the last 100 episodes reaches this "
+                                      "(e.g. 200, LunarLander's 'solved'); by default train for --total-steps")
     save_every: int = option(10, "write <out>/checkpoint.npz every this many iterations (and always at the end)")
     out: str = option("", "output folder for progress.csv, config.json, policy.npz and plots "
                           "(default runs/<scheme>-seed<seed>)")
@@ -324,7 +332,7 @@ class ParallelSampler:
             connection.send((net.sizes, theta, steps))
         try:
             parts = [connection.recv() for connection in self.connections]
-        except EOFError:
+        except (EOFError, OSError):
             raise RuntimeError("a sampler worker process died; see its error above") from None
         return {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
 
@@ -1141,6 +1149,11 @@ def train_iteration(state, sampler):
     }
 
 
+def solved(history, stop_return):
+    """Whether the last iteration's rolling return reached stop_return (never, if that is None)."""
+    return stop_return is not None and bool(history) and history[-1]["rolling_return"] >= stop_return
+
+
 def train(cfg, verbose=True, resume=None):
     """Train a policy with TRPO, writing progress.csv, config.json, checkpoint.npz, policy.npz and
     plots to cfg.out_dir(). `resume` is the arrays of a checkpoint (read_checkpoint) to continue from.
@@ -1181,7 +1194,7 @@ def train(cfg, verbose=True, resume=None):
     bar = tqdm(total=cfg.total_steps, initial=state.env_steps, unit="step", unit_scale=True,
                disable=not verbose, file=sys.stderr)
     try:
-        while state.env_steps < cfg.total_steps:
+        while state.env_steps < cfg.total_steps and not solved(state.history, cfg.stop_return):
             state.iteration += 1
             row = train_iteration(state, sampler)
             state.wall_s = row["wall_s"] = time.perf_counter() - start
@@ -1345,8 +1358,10 @@ def main(argv=None):
             cfg = dataclasses.replace(cfg, **overrides)
         else:
             resume = None
-            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in vars(args).items() if k in config_fields})
+            settings = {k: v for k, v in vars(args).items() if k in config_fields}
+            # The vine's own defaults, for whatever the user did not set
+            settings.update({k: v for k, v in SCHEME_DEFAULTS[args.scheme].items() if k not in typed})
+            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
         stop_on_sigterm()
         _, _, history = train(cfg, resume=resume)
     except UserError as e:
