@@ -374,12 +374,23 @@ class ForkPool:
             self._collect_some()
         self._reap(block=False)
         read_end, write_end = os.pipe()
-        pid = os.fork()
+        # A Ctrl-C arriving during os.fork() is raised inside one of Python's at-fork hooks
+        # (logging registers one), which swallow exceptions: the interrupt would be lost.
+        # So signals wait, blocked, until fork has returned.
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        pid = None
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         if pid == 0:  # the child: compute, send, and leave without running any of the parent's cleanup
             status = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children itself
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
                 os.close(read_end)
                 with os.fdopen(write_end, "wb") as pipe:
                     pipe.write(pickle.dumps(function()))
