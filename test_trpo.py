@@ -223,6 +223,15 @@ def test_surrogate_gradient_matches_finite_differences(small_net, rng):
                       advantages.mean(), rtol=1e-12)  # ratio = 1 at theta_old
 
 
+def test_maximal_step_puts_the_quadratic_kl_model_at_delta(rng):
+    M = rng.standard_normal((6, 6))
+    F = M @ M.T + 0.1 * np.eye(6)
+    x = rng.standard_normal(6)
+    step = T.maximal_step(x, x @ F @ x, max_kl=0.01)
+    assert np.isclose(0.5 * step @ F @ step, 0.01, rtol=1e-12)
+    assert np.allclose(step / np.linalg.norm(step), x / np.linalg.norm(x))  # along x, not against it
+
+
 def test_line_search_never_accepts_kl_above_delta():
     # KL grows with the step; the full step would reach 4 delta.
     delta, theta_old, full_step = 0.01, np.zeros(2), np.array([0.2, 0.0])

@@ -741,6 +741,12 @@ def conjugate_gradient(matrix_vector_product, b, iters, residual_tol=1e-10):
     return x
 
 
+def maximal_step(x, x_F_x, max_kl):
+    """beta x with beta = sqrt(2 delta / x^T F x) (Appendix C): the longest step along x whose
+    quadratic model of the KL, 1/2 (beta x)^T F (beta x), equals delta."""
+    return np.sqrt(2 * max_kl / x_F_x) * x
+
+
 def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_backtracks):
     """Backtracking line search on the nonlinear problem (Appendix C).
 
@@ -796,10 +802,9 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     if not (np.all(np.isfinite(x)) and np.isfinite(x_F_x) and x_F_x > 0):
         info["skipped"] = "conjugate gradient gave a non-finite or non-positive x^T F x"
         return theta_old, info
-    beta = np.sqrt(2 * cfg.max_kl / x_F_x)
 
     # 4. the full step and the improvement a linear model of L predicts for it
-    full_step = beta * x
+    full_step = maximal_step(x, x_F_x, cfg.max_kl)
     expected = g @ full_step
 
     # 5. backtracking line search on the true surrogate and KL
