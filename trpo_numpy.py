@@ -102,8 +102,9 @@ class Config:
                           "the same seed gives the same run, to the bit, on the same machine")
     total_steps: int = option(1_000_000, "environment steps to train for (trunk steps, summed over all environments)")
     num_envs: int = option(8, "environments sampled side by side; the policy runs one batched forward pass for all")
-    workers: int = option(2, "processes that step the environments in parallel (1 = all in this process); "
-                             "a run is reproducible to the bit for the same seed and the same number of workers")
+    workers: int = option(2, "processes working in parallel, one per core: the single path's environment "
+                             "workers (1 = all in this process), the vine's branch processes at a time; a run is "
+                             "reproducible to the bit for the same seed and the same number of workers")
     steps_per_env: int = option(512, "steps per environment per iteration; batch size = num_envs * steps_per_env "
                                      "(the vine's trunk: 128 unless given)")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
@@ -122,8 +123,9 @@ class Config:
     advantage: str = option("gae", "advantage estimator: 'gae' (GAE(lambda) with a learned value function) or "
                                    "'mc' (discounted return-to-go minus the value baseline, as TRPO Sec. 5.1)",
                             choices=["gae", "mc"])
-    normalize_advantages: bool = option(True, "rescale each batch's advantages to mean 0, std 1 (the step is "
-                                              "scaled to the trust region anyway; this only fixes the baseline)")
+    normalize_advantages: bool = option(True, "shift and scale each batch's advantages to mean 0, std 1; the "
+                                              "mean acts as a baseline, the scale only matters to the line "
+                                              "search (the step is rescaled to the trust region)")
     vf_lr: float = option(1e-3, "Adam learning rate of the value network")
     vf_epochs: int = option(5, "passes over the batch when fitting the value network each iteration")
     vf_minibatch: int = option(256, "minibatch size of the value-network fit")
@@ -153,8 +155,8 @@ class Config:
 
     def validate(self):
         """Raise UserError, in one sentence, for any value the algorithm cannot run with."""
-        positive = ["total_steps", "num_envs", "workers", "steps_per_env", "max_kl", "fisher_subsample", "cg_iters", "max_backtracks",
-                    "vf_lr", "vf_epochs", "vf_minibatch", "save_every",
+        positive = ["total_steps", "num_envs", "workers", "steps_per_env", "max_kl", "fisher_subsample",
+                    "cg_iters", "max_backtracks", "vf_lr", "vf_epochs", "vf_minibatch", "save_every",
                     "vine_states", "vine_horizon"]
         for name in positive:
             if not getattr(self, name) > 0:
