@@ -860,3 +860,17 @@ def test_vine_trains_end_to_end_with_both_estimators(tmp_path):
         assert len(history) == 4 and all(row["rollout_states"] == 6 for row in history)
         assert sum(row["accepted"] for row in history) >= 3 and np.all(np.isfinite(theta))
         assert all(0 < row["kl"] <= 0.01 for row in history if row["accepted"])
+
+
+def test_vine_value_targets_are_the_surrogate_at_theta_old(rng):
+    # V(s_n) = sum_a pi_old(a|s_n) Q(s_n, a), or its self-normalised estimate: per state, what the
+    # vine's surrogate is worth at theta_old.
+    logits, Q = rng.standard_normal((5, 4)), rng.standard_normal((5, 4)) * 10
+    batch = {"Q": Q, "rollout_logits": logits, "rollout_states": np.zeros((5, 2)),
+             "action_sets": np.tile(np.arange(4), (5, 1)), "proposal": None}
+    _, surrogate_of_logits, values = T.vine_problem(batch)
+    assert np.allclose(values, (softmax(logits) * Q).sum(axis=1), rtol=1e-12)
+    assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
+    batch.update(action_sets=rng.integers(4, size=(5, 3)), proposal=np.full((5, 3), 0.25))
+    _, surrogate_of_logits, values = T.vine_problem(batch)
+    assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)

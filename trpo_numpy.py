@@ -1100,17 +1100,24 @@ def single_path_problem(batch, advantages):
 
 
 def vine_problem(batch):
-    """The states and surrogate of the vine step: the rollout set, with Eq. (15) or Eq. (16)."""
-    Q, action_sets = batch["Q"], batch["action_sets"]
+    """The states and surrogate of the vine step: the rollout set, with Eq. (15) or Eq. (16).
+
+    Also returns value targets for the rollout states: the branches estimate
+    V(s_n) = sum_a pi_old(a|s_n) Q(s_n, a) directly (with K sampled actions, by the same
+    self-normalised weights), with less noise than one trunk trajectory's return."""
+    Q, action_sets, p_old = batch["Q"], batch["action_sets"], softmax(batch["rollout_logits"])
     if batch["proposal"] is None:
         def surrogate_of_logits(logits):
             return all_actions_surrogate(logits, Q)
+        values = (p_old * Q).sum(axis=1)
     else:
         Q_drawn = np.take_along_axis(Q, action_sets, axis=1)  # (N, K): Q of each drawn action
 
         def surrogate_of_logits(logits):
             return importance_sampled_surrogate(logits, action_sets, batch["proposal"], Q_drawn)
-    return batch["rollout_states"], surrogate_of_logits
+        w = np.take_along_axis(p_old, action_sets, axis=1) / batch["proposal"]
+        values = (w * Q_drawn).sum(axis=1) / w.sum(axis=1)
+    return batch["rollout_states"], surrogate_of_logits, values
 
 
 def train_iteration(state, sampler):
@@ -1129,16 +1136,19 @@ def train_iteration(state, sampler):
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
     # 3.-6. the trust-region step on the scheme's surrogate
+    fit_states = batch["obs"].reshape(cfg.batch_size, -1)
     if cfg.scheme == "vine":
-        states, surrogate_of_logits = vine_problem(batch)
+        states, surrogate_of_logits, branch_values = vine_problem(batch)
+        fit_states = np.concatenate([fit_states, states])
+        value_targets = np.concatenate([value_targets, branch_values])
+        values = np.concatenate([values, value_fn.predict(states)])
     else:
         states, surrogate_of_logits = single_path_problem(batch, advantages)
     state.theta, step = trpo_step(policy_net, state.theta, states, surrogate_of_logits, cfg)
 
     # 7. refit the value function for the next iteration's advantages
-    trunk_states = batch["obs"].reshape(cfg.batch_size, -1)
     if np.all(np.isfinite(value_targets)):
-        value_loss = value_fn.fit(trunk_states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, state.rng)
+        value_loss = value_fn.fit(fit_states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, state.rng)
     else:  # one bad number would poison every weight of V; skip this batch's fit instead
         value_loss = float("nan")
         step["skipped"] = step.get("skipped", "") + "; value targets not finite, value fit skipped"
