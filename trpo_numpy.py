@@ -140,6 +140,9 @@ class Config:
     vine_restore: str = option("fork", "vine: how a trunk state is restored: 'fork' copies the process "
                                        "(exact, a few ms); 'replay' re-runs the episode from its seed "
                                        "(exact, slow; used where fork is missing)", choices=["fork", "replay"])
+    trust_region: bool = option(True, "--no-trust-region takes the natural-gradient step of the same size "
+                                      "without the line search: nothing then keeps the KL at delta or makes "
+                                      "the surrogate improve (to watch what the trust region prevents)")
     stop_return: float = option(None, "stop early once the mean return of the last 100 episodes reaches this "
                                       "(e.g. 200, LunarLander's 'solved'); by default train for --total-steps")
     save_every: int = option(10, "write <out>/checkpoint.npz every this many iterations (and always at the end)")
@@ -781,8 +784,8 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     logits_old, cache = net.forward(theta_old, states)
     probs_old = softmax(logits_old)
     L_old, dL_dlogits = surrogate_of_logits(logits_old)
-    info = {"kl": 0.0, "backtracks": 0, "expected_improve": 0.0, "actual_improve": 0.0, "accepted": False,
-            "entropy": float(np.mean(entropy(logits_old)))}
+    info = {"kl": 0.0, "max_kl": 0.0, "backtracks": 0, "expected_improve": 0.0, "actual_improve": 0.0,
+            "accepted": False, "entropy": float(np.mean(entropy(logits_old)))}
 
     # 1. the policy gradient
     g = net.backward(theta_old, cache, dL_dlogits)
@@ -813,10 +816,15 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     def evaluate(theta):
         logits = net.forward(theta, states)[0]
         return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits)
-    ok, theta_new, improvement, kl_reached, backtracks = line_search(
-        evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks)
+    if cfg.trust_region:
+        ok, theta_new, improvement, kl_reached, backtracks = line_search(
+            evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks)
+    else:  # --no-trust-region: the natural-gradient step of the same size, taken whatever it does
+        ok, theta_new, backtracks = True, theta_old + full_step, 0
+        improvement, kl_reached = evaluate(theta_new)
     info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
-                expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
+                expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected,
+                max_kl=float(np.max(kl(logits_old, net.forward(theta_new, states)[0]))))
     if not ok:
         info["skipped"] = "line search failed, keeping old parameters"
     return theta_new, info
@@ -888,7 +896,8 @@ def explained_variance(prediction, target):
 
 PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "accepted",
                     "expected_improve", "actual_improve", "entropy", "value_loss", "explained_variance",
-                    "steps_per_s", "wall_s", "trunk_steps", "branch_steps", "rollout_states", "restores_per_s"]
+                    "steps_per_s", "wall_s", "trunk_steps", "branch_steps", "rollout_states", "restores_per_s",
+                    "max_kl_state", "predicted_return_change", "theorem_penalty", "batch_return", "return_change"]
 SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
 POLICY_FORMAT = "trpo-numpy policy v1"
@@ -1032,7 +1041,8 @@ def check_folder_is_ours(out_dir, run_id):
 
 
 def save_plots(history, out_dir, cfg):
-    """learning_curve.png (rolling return vs env steps) and diagnostics.png (KL, backtracks, entropy, ratio)."""
+    """learning_curve.png (rolling return vs env steps), diagnostics.png (KL, backtracks, entropy,
+    improvement ratio) and theory.png (predicted vs realised improvement, mean vs max KL)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1071,12 +1081,40 @@ def save_plots(history, out_dir, cfg):
     fig.savefig(os.path.join(out_dir, "diagnostics.png"), dpi=100)
     plt.close(fig)
 
+    # theory.png: a step's predicted change of the return against the change that followed (the
+    # next batch's), and the mean KL the constraint holds against the max KL Theorem 1 is about.
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    predicted, realised = col["predicted_return_change"][:-1], col["return_change"][1:]
+    left.scatter(predicted, realised, s=10, alpha=0.6)
+    finite = np.isfinite(predicted) & np.isfinite(realised)
+    if finite.any():
+        low, high = np.percentile(np.concatenate([predicted[finite], realised[finite]]), [2, 98])
+        left.plot([low, high], [low, high], color="gray", linestyle="--", label="realised = predicted")
+        left.legend(loc="upper left")
+    left.set(xlabel="predicted change of the episode return (surrogate x episode length)",
+             ylabel="realised change (next batch's mean return)",
+             title=f"prediction vs outcome, corr {np.corrcoef(predicted[finite], realised[finite])[0, 1]:.2f}"
+             if finite.sum() > 2 else "prediction vs outcome")
+    right.semilogy(steps, col["kl"], label="mean KL over states (constrained)")
+    right.semilogy(steps, col["max_kl_state"], label="max KL over states (Theorem 1)")
+    right.axhline(cfg.max_kl, color="red", linestyle="--", label="delta")
+    right.set(xlabel="environment steps", ylabel="KL(pi_old || pi_new)",
+              title=f"Theorem 1's penalty C max KL: median {np.nanmedian(col['theorem_penalty']):.3g}")
+    right.legend(loc="upper right", fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "theory.png"), dpi=100)
+    plt.close(fig)
+
 
 def format_log_line(row):
     """One line per iteration: what a student watches to see TRPO work."""
     return (f"it {row['iteration']:4d} | steps {row['env_steps']:9,d} | return {row['rolling_return']:7.1f} "
             f"({row['episodes']} ep) | kl {row['kl']:.4f} | backtracks {row['backtracks']} | "
             f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
+            f"return change pred {row['predicted_return_change']:+.1f} real {row['return_change']:+.1f} | "
+            f"max kl {row['max_kl_state']:.3f} | "
             f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
             f"{row['steps_per_s']:,.0f} steps/s"
             + (f" | vine: {row['rollout_states']} states, {row['branch_steps']:,} branch steps, "
@@ -1132,6 +1170,7 @@ def train_iteration(state, sampler):
 
     # 2. advantages on the (trunk) trajectories; the value function learns from them in both schemes
     advantages, value_targets, values = estimate_advantages(batch, value_fn, cfg)
+    raw_advantages = advantages
     if cfg.normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
@@ -1144,7 +1183,22 @@ def train_iteration(state, sampler):
         values = np.concatenate([values, value_fn.predict(states)])
     else:
         states, surrogate_of_logits = single_path_problem(batch, advantages)
-    state.theta, step = trpo_step(policy_net, state.theta, states, surrogate_of_logits, cfg)
+    theta_old = state.theta
+    state.theta, step = trpo_step(policy_net, theta_old, states, surrogate_of_logits, cfg)
+
+    # What the step predicted for the return, beside Theorem 1's penalty (see predicted_return_change)
+    if cfg.scheme == "vine":
+        surrogate_change = step["actual_improve"]  # in the units of Q already
+        largest_advantage = np.nanmax(np.abs(batch["Q"] - branch_values[:, None]))
+    else:
+        raw_problem = single_path_problem(batch, raw_advantages)[1]
+        surrogate_change = (raw_problem(policy_net.forward(state.theta, states)[0])[0]
+                            - raw_problem(batch["logits"].reshape(len(states), -1))[0])
+        largest_advantage = np.max(np.abs(raw_advantages))
+    predicted, penalty = predicted_return_change(surrogate_change, cfg.batch_size, np.sum(~np.isnan(ended)),
+                                                 step["max_kl"], largest_advantage, cfg.gamma)
+    batch_return = float(np.nanmean(ended)) if np.any(~np.isnan(ended)) else float("nan")
+    previous = state.history[-1]["batch_return"] if state.history else float("nan")
 
     # 7. refit the value function for the next iteration's advantages
     if np.all(np.isfinite(value_targets)):
@@ -1173,8 +1227,30 @@ def train_iteration(state, sampler):
         "branch_steps": batch.get("branch_steps", 0),
         "rollout_states": len(states) if cfg.scheme == "vine" else 0,
         "restores_per_s": batch.get("restores", 0) / batch.get("branch_seconds", seconds),
+        "max_kl_state": step["max_kl"],
+        "predicted_return_change": predicted,
+        "theorem_penalty": penalty,
+        "batch_return": batch_return,
+        "return_change": batch_return - previous,
         "skipped": step.get("skipped", "").lstrip("; "),
     }
+
+
+def predicted_return_change(surrogate_change, steps, episodes, max_kl_state, largest_advantage, gamma):
+    """What a step predicts for the episode return, and what TRPO's Theorem 1 says of the prediction.
+
+    The performance-difference identity (Kakade & Langford 2002) gives
+    eta(pi_new) - eta(pi_old) = E_{tau ~ pi_new}[ sum_t A_old(s_t, a_t) ]. The surrogate
+    (Eq. 14) takes the states from pi_old instead, so the step predicts a change of the
+    episode return of (mean episode length) x L(theta_new) - L(theta_old), with raw
+    advantages. Theorem 1 bounds the cost of swapping the states: eta(pi_new) >=
+    L(pi_new) - C max_s KL(pi_old || pi_new), C = 4 eps gamma / (1 - gamma)^2, eps = max |A|.
+    Returns (predicted change, C max_s KL): the penalty is usually far larger than any
+    improvement, which is why the paper replaces it by the constraint KLbar <= delta.
+    """
+    mean_episode_length = steps / max(episodes, 1)
+    penalty = 4 * largest_advantage * gamma / (1 - gamma) ** 2 * max_kl_state if gamma < 1 else float("inf")
+    return mean_episode_length * surrogate_change, penalty
 
 
 def solved(history, stop_return):
