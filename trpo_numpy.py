@@ -109,10 +109,10 @@ class Config:
                                      "(the vine's trunk: 128 unless given)")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
                                      "('--hidden 16 16' is the request notebook's 8-16-16-4 policy)", nargs="+")
-    max_kl: float = option(0.01, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12)")
+    max_kl: float = option(0.02, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12)")
     damping: float = option(0.1, "lambda, added to the Fisher matrix (F + lambda I) so conjugate gradient stays "
                                  "well conditioned; raise it if steps often fail the line search")
-    fisher_subsample: int = option(1, "use every k-th state of the batch in Fisher-vector products: k times "
+    fisher_subsample: int = option(4, "use every k-th state of the batch in Fisher-vector products: k times "
                                       "cheaper conjugate gradient, a noisier F (baselines uses 5); the KL check "
                                       "of the line search always uses every state")
     cg_iters: int = option(10, "conjugate-gradient iterations to solve F x = g (Appendix C); about 10 is enough")
