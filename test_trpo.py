@@ -904,3 +904,13 @@ def test_no_trust_region_takes_the_step_the_line_search_refuses(small_net, rng):
     taken, info = T.trpo_step(net, theta, states, misleading, T.Config(trust_region=False))
     assert not np.array_equal(taken, theta) and info["accepted"] and info["actual_improve"] < 0
     assert info["max_kl"] >= info["kl"] > 0
+
+
+def test_entropy_bonus_gradient_matches_finite_differences(small_net, rng):
+    net, theta, _ = small_net
+    states = rng.standard_normal((6, 3))
+    logits, cache = net.forward(theta, states)
+    H, dH = T.entropy_bonus(logits)
+    assert np.isclose(H, entropy(logits).mean(), rtol=1e-12)
+    numeric = numerical_gradient(lambda th: T.entropy_bonus(net.forward(th, states)[0])[0], theta)
+    assert relative_error(net.backward(theta, cache, dH), numeric) < 1e-6

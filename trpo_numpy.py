@@ -141,6 +141,8 @@ class Config:
     vine_restore: str = option("fork", "vine: how a trunk state is restored: 'fork' copies the process "
                                        "(exact, a few ms); 'replay' re-runs the episode from its seed "
                                        "(exact, slow; used where fork is missing)", choices=["fork", "replay"])
+    entropy_coef: float = option(0.0, "beta, adds beta x the mean policy entropy to the surrogate (not in the "
+                                      "paper; 0 is TRPO as published)")
     trust_region: bool = option(True, "--no-trust-region takes the natural-gradient step of the same size "
                                       "without the line search: nothing then keeps the KL at delta or makes "
                                       "the surrogate improve (to watch what the trust region prevents)")
@@ -699,6 +701,16 @@ def importance_sampled_surrogate(logits, actions, proposal, Q):
     return float(L_n.mean()), grad / N
 
 
+def entropy_bonus(logits):
+    """Mean policy entropy H = mean_i -sum_a p_a log p_a and its gradient in the logits,
+    dH_i/dz = -p * (log p + H_i) / N. Not in the paper: an option (--entropy-coef) that
+    rewards keeping the policy random, against settling early on a mediocre behaviour."""
+    logp = log_softmax(logits)
+    p = np.exp(logp)
+    H = -(p * logp).sum(axis=1, keepdims=True)  # (N, 1)
+    return float(H.mean()), -p * (logp + H) / len(logits)
+
+
 def mean_kl(logits_old, logits_new):
     """KLbar(theta_old, theta) = mean_i KL(pi_old(.|s_i) || pi_theta(.|s_i)), the constraint of Eq. (12)."""
     return np.mean(kl(logits_old, logits_new))
@@ -1159,6 +1171,15 @@ def vine_problem(batch):
     return batch["rollout_states"], surrogate_of_logits, values
 
 
+def with_entropy_bonus(surrogate_of_logits, coef):
+    """The objective L(theta) + coef * H(theta): the surrogate plus the entropy bonus."""
+    def objective(logits):
+        L, dL = surrogate_of_logits(logits)
+        H, dH = entropy_bonus(logits)
+        return L + coef * H, dL + coef * dH
+    return objective
+
+
 def train_iteration(state, sampler):
     """One iteration of Algorithm 1; updates state and returns its row of progress.csv."""
     cfg, policy_net, value_fn = state.cfg, state.policy_net, state.value_fn
@@ -1185,6 +1206,8 @@ def train_iteration(state, sampler):
     else:
         states, surrogate_of_logits = single_path_problem(batch, advantages)
     theta_old = state.theta
+    if cfg.entropy_coef:
+        surrogate_of_logits = with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef)
     state.theta, step = trpo_step(policy_net, theta_old, states, surrogate_of_logits, cfg)
 
     # What the step predicted for the return, beside Theorem 1's penalty (see predicted_return_change)
