@@ -201,6 +201,34 @@ def plot_curves(results, scheme, path):
     plt.close(fig)
 
 
+def trust_region_demo(seed, max_kl, total_steps, out_root, path):
+    """Train twice on one seed with a large delta: TRPO, then the same natural-gradient steps without
+    the line search (--no-trust-region). Plots both learning curves and the KL each step reached."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for trust_region, label in ((True, "TRPO (line search: KL <= delta)"), (False, "--no-trust-region")):
+        cfg = T.Config(seed=seed, max_kl=max_kl, total_steps=total_steps, trust_region=trust_region,
+                       out=os.path.join(out_root, f"trust-region-{trust_region}"))
+        history = T.train(cfg, verbose=False)[2]
+        steps = [row["env_steps"] for row in history]
+        left.plot(steps, [row["rolling_return"] for row in history], label=label)
+        right.semilogy(steps, [row["kl"] for row in history], ".", label=label)
+        print(f"{label}: final rolling return {history[-1]['rolling_return']:.1f}, "
+              f"KL above delta in {sum(row['kl'] > max_kl for row in history)} of {len(history)} steps")
+    right.axhline(max_kl, color="red", linestyle="--", label="delta")
+    left.set(xlabel="environment steps", ylabel="mean return of last 100 episodes",
+             title=f"seed {seed}, delta = {max_kl}")
+    right.set(xlabel="environment steps", ylabel="mean KL(pi_old || pi_new) of the step taken")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -210,10 +238,17 @@ def main(argv=None):
                         help=f"env steps per single-path run (the vine runs at most {VINE_MAX_ITERATIONS} iterations)")
     parser.add_argument("--eval-episodes", type=int, default=100, help="single path: evaluation episodes")
     parser.add_argument("--out", default="bench_results", help="folder for the table, JSON and run outputs")
+    parser.add_argument("--trust-region-demo", action="store_true",
+                        help="instead: train the first seed with delta = 1 twice, with and without the line "
+                             "search, for 300,000 steps each, and plot both to plots/trust_region.png")
     args = parser.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
     os.makedirs("plots", exist_ok=True)
+    if args.trust_region_demo:
+        trust_region_demo(args.seeds[0], 1.0, 300_000, os.path.join(args.out, "runs"),
+                          os.path.join("plots", "trust_region.png"))
+        return
     results = []
     for seed in args.seeds:
         print(f"seed {seed}: training ...", file=sys.stderr, flush=True)
