@@ -1470,6 +1470,7 @@ RESUMABLE_FLAGS = {"total_steps", "out", "workers", "save_every"}
 
 
 def main(argv=None):
+    """The command line: train (or --resume), or --eval; returns the exit code."""
     args = build_parser().parse_args(argv)
     typed = vars(build_parser(defaults=False).parse_args(argv))  # only what the user gave
     config_fields = {f.name for f in dataclasses.fields(Config)}
