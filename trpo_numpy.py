@@ -91,9 +91,11 @@ def option(default, help, **extra):
 # Where the vine's settings differ from the single path's (Config's defaults), for options
 # not given on the command line. Its trunk is short (the branches carry the signal); its
 # all-actions estimate has so little noise that larger steps pay; gamma = 0.99 keeps the
-# H-step branches from leaning on the value bootstrap (0.999^100 = 0.9).
+# H-step branches from leaning on the value bootstrap (0.999^100 = 0.9); its Fisher is taken
+# over the few rollout states, every one of them.
 SCHEME_DEFAULTS = {"single": {},
-                   "vine": {"num_envs": 8, "steps_per_env": 128, "gamma": 0.99, "max_kl": 0.05}}
+                   "vine": {"num_envs": 8, "steps_per_env": 128, "gamma": 0.99, "max_kl": 0.05,
+                            "fisher_subsample": 1}}
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Config:
                                  "well conditioned; raise it if steps often fail the line search")
     fisher_subsample: int = option(2, "use every k-th state of the batch in Fisher-vector products: k times "
                                       "cheaper conjugate gradient, a noisier F (baselines uses 5); the KL check "
-                                      "of the line search always uses every state")
+                                      "of the line search always uses every state (the vine: 1 unless given)")
     cg_iters: int = option(10, "conjugate-gradient iterations to solve F x = g (Appendix C); about 10 is enough")
     backtrack_coeff: float = option(0.8, "alpha, the line search shrinks the step by this factor each backtrack")
     max_backtracks: int = option(10, "line-search attempts before keeping theta_old")
