@@ -115,10 +115,11 @@ class MLP:
         """
         layers = self.unflatten(theta)
         tangents = self.unflatten(v)
+        u = None  # the tangent of the layer's input; u_0 = 0, so the first layer skips its term
         for l, ((W, _), (dW, db)) in enumerate(zip(layers, tangents)):
             da = cache[l] @ dW + db  # (N, n_out)
-            if l > 0:
-                da += u @ W  # u_0 = 0: the first layer has no incoming tangent
+            if u is not None:
+                da += u @ W
             if l == len(layers) - 1:
                 return da  # the output layer is linear
             u = (1.0 - cache[l + 1] ** 2) * da
