@@ -591,12 +591,10 @@ def make_sampler(cfg, rng, value_fn, num_actions):
     process, which forks the branches, up to cfg.workers at a time."""
     env_seeds = rng.integers(TRAIN_SEED_LIMIT, size=cfg.num_envs)
     action_seeds = rng.integers(2 ** 63, size=cfg.num_envs)
-    if cfg.scheme == "vine":
-        trunk = SinglePathSampler([make_env(cfg.env) for _ in range(cfg.num_envs)], env_seeds, action_seeds)
-        return VineSampler(trunk, cfg, value_fn, rng, num_actions)
-    if cfg.workers > 1:
+    if cfg.scheme == "single" and cfg.workers > 1:
         return ParallelSampler(cfg.env, env_seeds, action_seeds, min(cfg.workers, cfg.num_envs))
-    return SinglePathSampler([make_env(cfg.env) for _ in range(cfg.num_envs)], env_seeds, action_seeds)
+    sampler = SinglePathSampler([make_env(cfg.env) for _ in range(cfg.num_envs)], env_seeds, action_seeds)
+    return VineSampler(sampler, cfg, value_fn, rng, num_actions) if cfg.scheme == "vine" else sampler
 
 
 # ----------------------------------------------------------------------------
@@ -799,13 +797,14 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
       3. beta = sqrt(2 delta / x^T F x), the largest step with quadratic KL model = delta
       4. full_step = beta x; first-order predicted improvement g . full_step
       5. line search: shrink until KLbar <= delta and L improves; else keep theta_old
-    Returns (theta_new, info) with the diagnostics the log line shows.
+    Returns (theta_new, info) with the diagnostics the log line shows; info["logits_new"] holds
+    the policy's logits at theta_new on `states`, for whoever needs them next.
     """
     logits_old, cache = net.forward(theta_old, states)
     probs_old = softmax(logits_old)
     L_old, dL_dlogits = surrogate_of_logits(logits_old)
     info = {"kl": 0.0, "max_kl": 0.0, "backtracks": 0, "expected_improve": 0.0, "actual_improve": 0.0,
-            "accepted": False, "entropy": float(np.mean(entropy(logits_old)))}
+            "accepted": False, "entropy": float(np.mean(entropy(logits_old))), "logits_new": logits_old}
 
     # 1. the policy gradient
     g = net.backward(theta_old, cache, dL_dlogits)
@@ -843,8 +842,9 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         ok, theta_new, backtracks = True, theta_old + full_step, 0
         improvement, kl_reached = evaluate(theta_new)
     info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
-                expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected,
-                max_kl=float(np.max(kl(logits_old, net.forward(theta_new, states)[0]))))
+                expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
+    info["logits_new"] = net.forward(theta_new, states)[0]
+    info["max_kl"] = float(np.max(kl(logits_old, info["logits_new"])))
     if not ok:
         info["skipped"] = "line search failed, keeping old parameters"
     return theta_new, info
@@ -1223,7 +1223,7 @@ def train_iteration(state, sampler):
         largest_advantage = np.nanmax(np.abs(batch["Q"] - branch_values[:, None]))
     else:
         raw_problem = single_path_problem(batch, raw_advantages)[1]
-        surrogate_change = (raw_problem(policy_net.forward(state.theta, states)[0])[0]
+        surrogate_change = (raw_problem(step["logits_new"])[0]
                             - raw_problem(batch["logits"].reshape(len(states), -1))[0])
         largest_advantage = np.max(np.abs(raw_advantages))
     predicted, penalty = predicted_return_change(surrogate_change, cfg.batch_size, np.sum(~np.isnan(ended)),
