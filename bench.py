@@ -31,7 +31,8 @@ import os
 import sys
 import time
 
-import trpo_numpy as T  # pins BLAS to one thread before NumPy loads
+import trpo_numpy as T  # first: it pins BLAS to one thread before NumPy loads
+import parallel
 import numpy as np
 from network import MLP
 
@@ -62,7 +63,7 @@ def restore_cost(cfg, branches=100):
     obs_dim, num_actions = T.env_dims(env)
     net = MLP([obs_dim, *cfg.hidden, num_actions])
     theta = net.init(rng, output_gain=0.01)
-    pool = T.ForkPool(max_children=1)
+    pool = parallel.ForkPool(max_children=1)
     seconds, steps = 0.0, 0
     for k in range(branches):
         env.reset(seed=k)

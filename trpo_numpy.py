@@ -11,7 +11,10 @@ Read this file beside the papers; it follows Algorithm 1 of TRPO in order:
   7. fit the value function used by the next advantage estimate (GAE paper, Sec. 5)
 
 Every derivative is written by hand in network.py and checked against finite
-differences in test_trpo.py. No autodiff framework is used anywhere.
+differences in test_trpo.py. No autodiff framework is used anywhere. What is not
+about the algorithm lives beside it: parallel.py runs work in other processes
+(sampler workers, the fork that restores a simulator state for the vine), and
+run_files.py writes what a run leaves on disk (progress.csv, checkpoints, plots).
 
 References:
   Schulman, Levine, Moritz, Jordan, Abbeel 2015. Trust Region Policy Optimization. arXiv:1502.05477
@@ -25,52 +28,23 @@ Run it:
   python trpo_numpy.py --help                # every option, with its paper symbol
 """
 
-import os
+import parallel  # first: it pins BLAS to one thread before NumPy loads
 
-# The matrices here are tiny (a few thousand rows, 64 columns): BLAS threads only add
-# overhead, and several processes each spawning threads on 2 cores ran 12x slower.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+parallel.pin_blas_threads()
+parallel.keep_freed_memory()
 
 import argparse
-import csv
-import ctypes
 import dataclasses
-import json
-import pickle
-import select
-import signal
+import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
 
+import run_files
 from network import MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, log_softmax, sample, softmax
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS at once.
-
-    Every NumPy expression on a 4096 x 64 batch allocates 2 MB temporaries. By default
-    glibc hands such blocks back to the OS when freed and page-faults them in again on the
-    next allocation: measured here, `h @ W + b` took 1.7 ms instead of 0.75 ms. Raising the
-    trim and mmap thresholds (mallopt) removes that cost. Elsewhere than glibc, do nothing."""
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_TRIM_THRESHOLD, 256 * 2 ** 20)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)
-    except (OSError, AttributeError):
-        pass
-
-
-keep_freed_memory()
-
-
-class UserError(Exception):
-    """Something the user can fix (a bad option, an unknown env): reported in one sentence, exit code 2."""
+from run_files import UserError
 
 
 # Evaluation episodes reset with seeds from here on; training seeds its environments
@@ -87,6 +61,8 @@ def option(default, help, **extra):
     """A Config field carrying its --help text (and optional argparse settings)."""
     return field(default=default, metadata={"help": help, **extra})
 
+
+SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
 # Where the vine's settings differ from the single path's (Config's defaults), for options
 # not given on the command line. Its trunk is short (the branches carry the signal); its
@@ -300,18 +276,9 @@ class SinglePathSampler:
             env.close()
 
 
-def sampler_worker(connection, env_id, env_seeds, action_seeds):
-    """Body of a worker process: own a SinglePathSampler, answer (sizes, theta, steps) with a batch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-    sampler = SinglePathSampler([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
-    try:
-        while True:
-            sizes, theta, steps = connection.recv()
-            connection.send(sampler.sample(MLP(sizes), theta, steps))
-    except (EOFError, OSError):  # the main process closed the pipe or is gone: stop quietly
-        pass
-    finally:
-        sampler.close()
+def single_path_sampler(env_id, env_seeds, action_seeds):
+    """A SinglePathSampler on new environments: what each of ParallelSampler's workers owns."""
+    return SinglePathSampler([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
 
 
 class ParallelSampler:
@@ -323,153 +290,24 @@ class ParallelSampler:
     SinglePathSampler's on the same seeds (the logits to rounding: BLAS may sum a
     smaller batch's product in another order). Simulation is most of a TRPO
     iteration's time, so two workers on two cores nearly halve it.
-
-    Workers are started with "spawn": a fresh interpreter that inherits no other
-    worker's pipe, so a worker whose main process dies sees end-of-file and exits.
     """
 
     def __init__(self, env_id, env_seeds, action_seeds, workers):
-        import multiprocessing
-        context = multiprocessing.get_context("spawn")
-        self.connections, self.processes = [], []
-        for part in np.array_split(np.arange(len(env_seeds)), workers):
-            parent, child = context.Pipe()
-            process = context.Process(
-                target=sampler_worker, daemon=True,
-                args=(child, env_id, [int(env_seeds[i]) for i in part], [int(action_seeds[i]) for i in part]))
-            process.start()
-            child.close()  # the worker holds that end now; if it dies, recv() here sees EOF, not a hang
-            self.connections.append(parent)
-            self.processes.append(process)
+        parts = np.array_split(np.arange(len(env_seeds)), workers)
+        self.workers = parallel.WorkerProcesses(single_path_sampler, [
+            (env_id, [int(env_seeds[i]) for i in part], [int(action_seeds[i]) for i in part]) for part in parts])
 
     def sample(self, net, theta, steps):
-        for connection in self.connections:
-            connection.send((net.sizes, theta, steps))
-        try:
-            parts = [connection.recv() for connection in self.connections]
-        except (EOFError, OSError):
-            raise RuntimeError("a sampler worker process died; see its error above") from None
+        parts = self.workers.call("sample", net, theta, steps)
         return {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
 
     def close(self):
-        """Close the pipes (each worker then stops by itself); end any worker still running after 2 s."""
-        for connection in self.connections:
-            connection.close()
-        for process in self.processes:
-            process.join(timeout=2)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+        self.workers.close()
 
 
 # ----------------------------------------------------------------------------
 # 1b. Sampling: the vine scheme (TRPO Sec. 5.2)
 # ----------------------------------------------------------------------------
-
-class ForkPool:
-    """Runs functions in forked copies of this process, at most `max_children` at a time.
-
-    os.fork() copies the whole process, the simulator included, exactly (copy-on-write:
-    a few ms, however long the episode has been): the child carries on from the very
-    state the parent was in. That is how the vine restores a LunarLander state, which
-    Box2D cannot save (copy.deepcopy gives an env whose bodies are gone). Each child
-    sends its result back through a pipe and exits; results are collected by key.
-    A child that dies is reported, and one that hangs for `timeout` seconds is stopped.
-    """
-
-    def __init__(self, max_children, timeout=120.0):
-        self.max_children, self.timeout = max_children, timeout
-        self.running = {}  # read end of the child's pipe -> (pid, key, bytes received so far)
-        self.exiting = []  # children that sent their result and are still tearing themselves down
-        self.results = {}
-
-    def submit(self, key, function):
-        """Fork; the child runs function() and sends back what it returns."""
-        while len(self.running) >= self.max_children:
-            self._collect_some()
-        self._reap(block=False)
-        read_end, write_end = os.pipe()
-        # A Ctrl-C arriving during os.fork() is raised inside one of Python's at-fork hooks
-        # (logging registers one), which swallow exceptions: the interrupt would be lost.
-        # So signals wait, blocked, until fork has returned.
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-        pid = None
-        try:
-            pid = os.fork()
-        finally:
-            if pid != 0:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-        if pid == 0:  # the child: compute, send, and leave without running any of the parent's cleanup
-            status = 1
-            try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children itself
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-                os.close(read_end)
-                with os.fdopen(write_end, "wb") as pipe:
-                    pipe.write(pickle.dumps(function()))
-                status = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        os.close(write_end)
-        self.running[read_end] = (pid, key, bytearray())
-
-    def _collect_some(self):
-        """Read from whichever children have written; reap those that finished."""
-        ready, _, _ = select.select(list(self.running), [], [], self.timeout)
-        if not ready:
-            self.close()
-            raise RuntimeError(f"no branch process answered for {self.timeout:.0f} s; all were stopped")
-        for read_end in ready:
-            pid, key, received = self.running[read_end]
-            chunk = os.read(read_end, 1 << 16)
-            if chunk:
-                received.extend(chunk)
-                continue
-            os.close(read_end)  # end of file: the child has sent everything, or died
-            del self.running[read_end]
-            try:
-                self.results[key] = pickle.loads(bytes(received))
-            except Exception:  # nothing, or half a result: find out why, and stop
-                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-                self.close()
-                how = f"was killed by signal {-code}" if code < 0 else f"failed with exit code {code}"
-                raise RuntimeError(f"branch process {pid} {how}; its result is lost, so the iteration is too")
-            # Its exit (tearing down a copy of this process) takes a while: reap it later, not now.
-            self.exiting.append(pid)
-
-    def _reap(self, block):
-        """Collect the exit status of children that have sent their results (without waiting if not block)."""
-        still_exiting = []
-        for pid in self.exiting:
-            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
-            if not done:
-                still_exiting.append(pid)
-        self.exiting = still_exiting
-
-    def gather(self):
-        """Wait for every child; return {key: result} of all submitted since the last gather."""
-        while self.running:
-            self._collect_some()
-        self._reap(block=True)
-        results, self.results = self.results, {}
-        return results
-
-    def close(self):
-        """Kill and reap every child still running (Ctrl-C, an error): none is left behind."""
-        for read_end, (pid, _, _) in self.running.items():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-            os.close(read_end)
-        self.running.clear()
-        self._reap(block=True)
-
 
 def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None):
     """One branch of the vine: from env's current state take `first_action`, then follow pi_theta.
@@ -526,7 +364,7 @@ class VineSampler:
             print("note: os.fork is not available here; the vine restores states by seeded replay, "
                   "which is exact but slower.", file=sys.stderr)
             self.restore = "replay"
-        self.pool = ForkPool(max_children=cfg.workers) if self.restore == "fork" else None
+        self.pool = parallel.ForkPool(max_children=cfg.workers) if self.restore == "fork" else None
 
     def action_set(self, trunk_logits):
         """The actions to branch on from one state, and q(a|s) for each (None for all actions)."""
@@ -911,77 +749,8 @@ def explained_variance(prediction, target):
 
 
 # ----------------------------------------------------------------------------
-# Outputs: progress.csv, config.json, policy.npz, checkpoint.npz, plots
+# The training loop (Algorithm 1)
 # ----------------------------------------------------------------------------
-
-PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "accepted",
-                    "expected_improve", "actual_improve", "entropy", "value_loss", "explained_variance",
-                    "steps_per_s", "wall_s", "trunk_steps", "branch_steps", "rollout_states", "restores_per_s",
-                    "max_kl_state", "predicted_return_change", "theorem_penalty", "batch_return", "return_change"]
-SCHEME_NAMES = {"single": "single path", "vine": "vine"}
-CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
-POLICY_FORMAT = "trpo-numpy policy v1"
-
-
-def prepare_out_dir(path):
-    """Create the output folder and prove it is writable now, before any training time is spent."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to output folder '{path}': {e.strerror or e}.") from None
-
-
-def write_npz_atomically(path, **arrays):
-    """np.savez to a temporary file, flushed to disk, then renamed over `path`.
-
-    A rename is atomic: a crash at any moment leaves either the old file or the new
-    one, never half of one."""
-    temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
-def save_policy(path, net, theta, env_id):
-    """The policy's weights and the architecture they belong to (what --eval needs, nothing more)."""
-    write_npz_atomically(path, format=POLICY_FORMAT, theta=theta, sizes=np.array(net.sizes), env=env_id)
-
-
-def open_npz(path, what):
-    """np.load a file this program wrote, or raise UserError saying in one sentence why it cannot be used."""
-    if not os.path.isfile(path):
-        raise UserError(f"no {what} file at '{path}'.")
-    try:
-        data = dict(np.load(path, allow_pickle=False))
-    except Exception as e:  # zip, pickle and header errors all mean: not a file of ours
-        raise UserError(f"'{path}' is not a readable {what} file ({type(e).__name__}).") from None
-    if str(data.get("format", "")) not in (CHECKPOINT_FORMAT, POLICY_FORMAT):
-        raise UserError(f"'{path}' is not a {what} file written by trpo_numpy.py.")
-    return data
-
-
-def load_policy(path, env_id=None):
-    """(net, theta, env_id) from a policy.npz or checkpoint.npz, checked against the environment's shape."""
-    data = open_npz(path, "policy or checkpoint")
-    sizes = [int(n) for n in data["sizes"]]
-    env_id = env_id or str(data["env"])
-    env = make_env(env_id)
-    obs_dim, num_actions = env_dims(env)
-    env.close()
-    if sizes[0] != obs_dim or sizes[-1] != num_actions:
-        raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions, "
-                        f"but {env_id} has {obs_dim} and {num_actions}.")
-    net = MLP(sizes)
-    if data["theta"].shape != (net.num_params,):
-        raise UserError(f"'{path}' holds {data['theta'].size} weights, not the {net.num_params} of its network.")
-    return net, data["theta"], env_id
-
 
 class TrainingState:
     """Everything that changes during a run, and so everything a checkpoint must hold."""
@@ -1002,148 +771,36 @@ class TrainingState:
         the middle of the next iteration discards that half-done iteration, nothing else."""
         vf = self.value_fn
         return dict(theta=self.theta.copy(), phi=vf.phi.copy(), adam_m=vf.adam.m.copy(), adam_v=vf.adam.v.copy(),
-                    adam_t=vf.adam.t, value_mean=vf.mean, value_std=vf.std,
-                    rng_state=json.dumps(self.rng.bit_generator.state), iteration=self.iteration,
-                    env_steps=self.env_steps, wall_s=self.wall_s, history_length=len(self.history),
-                    episode_count=len(self.episode_returns))
+                    adam_t=vf.adam.t, value_mean=vf.mean, value_std=vf.std, rng_state=self.rng.bit_generator.state,
+                    iteration=self.iteration, env_steps=self.env_steps, wall_s=self.wall_s, run_id=self.run_id,
+                    history=self.history[:], episode_returns=self.episode_returns[:])
 
     def save_checkpoint(self, path, snapshot):
-        """Write a snapshot (atomically) with the config, the history and the episode returns up to it."""
-        meta = {k: snapshot[k] for k in ("adam_t", "value_mean", "value_std", "iteration", "env_steps", "wall_s")}
-        meta.update(config=dataclasses.asdict(self.cfg), run_id=self.run_id, history=self.history[:snapshot["history_length"]])
-        write_npz_atomically(
-            path, format=CHECKPOINT_FORMAT, meta=json.dumps(meta), rng_state=snapshot["rng_state"],
-            theta=snapshot["theta"], phi=snapshot["phi"], adam_m=snapshot["adam_m"], adam_v=snapshot["adam_v"],
-            episode_returns=np.array(self.episode_returns[:snapshot["episode_count"]], dtype=np.float64),
-            sizes=np.array(self.policy_net.sizes), value_sizes=np.array(self.value_fn.net.sizes), env=self.cfg.env)
+        """Write a snapshot, with the settings and the networks' sizes, to checkpoint.npz."""
+        run_files.write_checkpoint(path, snapshot, dataclasses.asdict(self.cfg), self.policy_net.sizes,
+                                   self.value_fn.net.sizes, self.cfg.env)
 
-    def restore(self, data):
-        """Continue from checkpoint arrays (as read by read_checkpoint)."""
-        meta = json.loads(str(data["meta"]))
-        if data["theta"].shape != self.theta.shape or data["phi"].shape != self.value_fn.phi.shape:
+    def restore(self, saved):
+        """Continue from a snapshot read back from a checkpoint (read_checkpoint)."""
+        if saved["theta"].shape != self.theta.shape or saved["phi"].shape != self.value_fn.phi.shape:
             raise UserError("the checkpoint's networks do not match its own configuration; it is damaged.")
-        self.theta = data["theta"].copy()
         vf = self.value_fn
-        vf.phi, vf.adam.m, vf.adam.v = data["phi"].copy(), data["adam_m"].copy(), data["adam_v"].copy()
-        vf.adam.t, vf.mean, vf.std = meta["adam_t"], meta["value_mean"], meta["value_std"]
-        self.rng.bit_generator.state = json.loads(str(data["rng_state"]))
-        self.run_id, self.iteration, self.env_steps = meta["run_id"], meta["iteration"], meta["env_steps"]
-        self.wall_s = meta["wall_s"]
-        self.history = meta["history"]
-        self.episode_returns = list(data["episode_returns"])
+        self.theta, vf.phi, vf.adam.m, vf.adam.v = saved["theta"], saved["phi"], saved["adam_m"], saved["adam_v"]
+        vf.adam.t, vf.mean, vf.std = saved["adam_t"], saved["value_mean"], saved["value_std"]
+        self.rng.bit_generator.state = saved["rng_state"]
+        self.run_id, self.iteration, self.env_steps = saved["run_id"], saved["iteration"], saved["env_steps"]
+        self.wall_s, self.history, self.episode_returns = saved["wall_s"], saved["history"], saved["episode_returns"]
 
 
 def read_checkpoint(path):
-    """(arrays, Config) of a checkpoint file, or UserError in one sentence."""
-    data = open_npz(path, "checkpoint")
-    if str(data["format"]) != CHECKPOINT_FORMAT:
-        raise UserError(f"'{path}' is a policy file, not a checkpoint: it cannot be resumed, only evaluated.")
+    """(snapshot, Config) of a checkpoint file, or UserError in one sentence."""
+    saved = run_files.read_checkpoint(path)
     try:
-        saved = json.loads(str(data["meta"]))["config"]
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
-    except (KeyError, TypeError, ValueError):
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+    except TypeError:
         raise UserError(f"'{path}' is a checkpoint of another version of trpo_numpy.py.") from None
-    return data, cfg
+    return saved, cfg
 
-
-def check_folder_is_ours(out_dir, run_id):
-    """A resumed run may continue in its own folder or an empty one, never over another run's files."""
-    config_path = os.path.join(out_dir, "config.json")
-    if not os.path.exists(config_path):
-        return
-    try:
-        with open(config_path) as f:
-            other = json.load(f).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        other = None
-    if other != run_id:
-        raise UserError(f"'{out_dir}' holds another run; resume into its own folder or an empty one (--out).")
-
-
-def save_plots(history, out_dir, cfg):
-    """learning_curve.png (rolling return vs env steps), diagnostics.png (KL, backtracks, entropy,
-    improvement ratio) and theory.png (predicted vs realised improvement, mean vs max KL)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    col = {k: np.array([row[k] for row in history], dtype=np.float64) for k in PROGRESS_COLUMNS}
-    steps = col["env_steps"]
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, col["rolling_return"], label=f"{SCHEME_NAMES[cfg.scheme]}, seed {cfg.seed}")
-    ax.axhline(200, color="gray", linestyle="--", label="solved (200)")
-    ax.set(xlabel="environment steps", ylabel="mean return of last 100 episodes", title=f"TRPO on {cfg.env}")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "learning_curve.png"), dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
-    axes[0, 0].plot(steps, col["kl"], label="KL reached")
-    axes[0, 0].axhline(cfg.max_kl, color="red", linestyle="--", label="delta")
-    axes[0, 0].set(ylabel="mean KL(old || new)")
-    axes[0, 0].legend()
-    axes[0, 1].plot(steps, col["backtracks"], ".")
-    axes[0, 1].set(ylabel="line-search backtracks")
-    axes[1, 0].plot(steps, col["entropy"])
-    axes[1, 0].set(ylabel="policy entropy (nats)", xlabel="environment steps")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = col["actual_improve"] / col["expected_improve"]
-    axes[1, 1].plot(steps, ratio, ".")
-    axes[1, 1].axhline(1.0, color="gray", linestyle="--")
-    axes[1, 1].set(ylabel="actual / expected improvement", xlabel="environment steps")
-    for ax in axes.ravel():
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"TRPO diagnostics, {cfg.env}, seed {cfg.seed}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "diagnostics.png"), dpi=100)
-    plt.close(fig)
-
-    # theory.png: a step's predicted change of the return against the change that followed (the
-    # next batch's), and the mean KL the constraint holds against the max KL Theorem 1 is about.
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    predicted, realised = col["predicted_return_change"][:-1], col["return_change"][1:]
-    left.scatter(predicted, realised, s=10, alpha=0.6)
-    finite = np.isfinite(predicted) & np.isfinite(realised)
-    if finite.any():
-        low, high = np.percentile(np.concatenate([predicted[finite], realised[finite]]), [2, 98])
-        left.plot([low, high], [low, high], color="gray", linestyle="--", label="realised = predicted")
-        left.legend(loc="upper left")
-    left.set(xlabel="predicted change of the episode return (surrogate x episode length)",
-             ylabel="realised change (next batch's mean return)",
-             title=f"prediction vs outcome, corr {np.corrcoef(predicted[finite], realised[finite])[0, 1]:.2f}"
-             if finite.sum() > 2 else "prediction vs outcome")
-    right.semilogy(steps, col["kl"], label="mean KL over states (constrained)")
-    right.semilogy(steps, col["max_kl_state"], label="max KL over states (Theorem 1)")
-    right.axhline(cfg.max_kl, color="red", linestyle="--", label="delta")
-    right.set(xlabel="environment steps", ylabel="KL(pi_old || pi_new)",
-              title=f"Theorem 1's penalty C max KL: median {np.nanmedian(col['theorem_penalty']):.3g}")
-    right.legend(loc="upper right", fontsize=8)
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "theory.png"), dpi=100)
-    plt.close(fig)
-
-
-def format_log_line(row):
-    """One line per iteration: what a student watches to see TRPO work."""
-    return (f"it {row['iteration']:4d} | steps {row['env_steps']:9,d} | return {row['rolling_return']:7.1f} "
-            f"({row['episodes']} ep) | kl {row['kl']:.4f} | backtracks {row['backtracks']} | "
-            f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
-            f"return change pred {row['predicted_return_change']:+.1f} real {row['return_change']:+.1f} | "
-            f"max kl {row['max_kl_state']:.3f} | "
-            f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
-            f"{row['steps_per_s']:,.0f} steps/s"
-            + (f" | vine: {row['rollout_states']} states, {row['branch_steps']:,} branch steps, "
-               f"{row['restores_per_s']:,.0f} restores/s" if row["rollout_states"] else ""))
-
-
-# ----------------------------------------------------------------------------
-# The training loop (Algorithm 1)
-# ----------------------------------------------------------------------------
 
 def single_path_problem(batch, advantages):
     """The states and surrogate of the single-path step (Eq. 14) for a batch and its advantages."""
@@ -1299,7 +956,7 @@ def train(cfg, verbose=True, resume=None):
 
     cfg.validate()
     out_dir = cfg.out_dir()
-    prepare_out_dir(out_dir)
+    run_files.prepare_out_dir(out_dir)
     probe = make_env(cfg.env)  # fail here, in one sentence, before any worker starts
     obs_dim, num_actions = env_dims(probe)
     probe.close()
@@ -1311,14 +968,10 @@ def train(cfg, verbose=True, resume=None):
     state = TrainingState(cfg, policy_net, value_fn, rng, theta)
     if resume is not None:
         state.restore(resume)
-        check_folder_is_ours(out_dir, state.run_id)
+        run_files.check_folder_is_ours(out_dir, state.run_id)
 
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "run_id": state.run_id}, f, indent=2)
-    csv_file = open(os.path.join(out_dir, "progress.csv"), "w", newline="")
-    writer = csv.DictWriter(csv_file, fieldnames=PROGRESS_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(state.history)  # a resumed run's earlier rows, up to its checkpoint
+    run_files.write_config(out_dir, {**dataclasses.asdict(cfg), "run_id": state.run_id})
+    progress = run_files.ProgressCsv(out_dir, state.history)  # with a resumed run's earlier rows
     checkpoint_path = os.path.join(out_dir, "checkpoint.npz")
 
     # After a resume, the simulators cannot be restored (Box2D state is not saved): the
@@ -1334,25 +987,24 @@ def train(cfg, verbose=True, resume=None):
             row = train_iteration(state, sampler)
             state.wall_s = row["wall_s"] = time.perf_counter() - start
             state.history.append(row)
-            writer.writerow(row)
-            csv_file.flush()
+            progress.write(row)
             snapshot = state.snapshot()
             if state.iteration % cfg.save_every == 0:
                 state.save_checkpoint(checkpoint_path, snapshot)
             bar.update(cfg.batch_size)
             bar.set_postfix(ret=f"{row['rolling_return']:.1f}")
             if verbose:
-                line = format_log_line(row)
+                line = run_files.format_log_line(row)
                 tqdm.write(line + (f" | step skipped: {row['skipped']}" if row["skipped"] else ""))
     finally:
         # Whatever stopped the loop (the end, Ctrl-C, an error), keep what the finished iterations made.
         bar.close()
-        csv_file.close()
+        progress.close()
         sampler.close()
         state.save_checkpoint(checkpoint_path, snapshot)
-        save_policy(os.path.join(out_dir, "policy.npz"), policy_net, snapshot["theta"], cfg.env)
+        run_files.save_policy(os.path.join(out_dir, "policy.npz"), policy_net.sizes, snapshot["theta"], cfg.env)
         if state.history:
-            save_plots(state.history, out_dir, cfg)
+            run_files.save_plots(state.history, out_dir, cfg.env, cfg.seed, SCHEME_NAMES[cfg.scheme], cfg.max_kl)
     return policy_net, state.theta, state.history
 
 
@@ -1381,22 +1033,25 @@ def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, seed_base=EV
             done = terminated or truncated
         if gif_path and k == 0:
             frames.append(env.render())
-            write_gif(gif_path, frames, fps=env.metadata.get("render_fps", 50))
+            run_files.write_gif(gif_path, frames, fps=env.metadata.get("render_fps", 50))
     env.close()
     return returns
 
 
-def write_gif(path, frames, fps, every=2, max_width=300):
-    """Write RGB frames as an animated GIF with Pillow (which matplotlib already needs).
-
-    Every second frame at half size keeps a 1000-step episode to a few MB."""
-    from PIL import Image
-    shrink = max(1, int(np.ceil(frames[0].shape[1] / max_width)))
-    images = [Image.fromarray(np.ascontiguousarray(frame[::shrink, ::shrink])) for frame in frames[::every]]
-    try:
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 * every / fps), loop=0)
-    except OSError as e:
-        raise UserError(f"cannot write the animation to '{path}': {e.strerror or e}.") from None
+def load_policy(path, env_id=None):
+    """(net, theta, env_id) from a policy.npz or checkpoint.npz, checked against the environment's shape."""
+    sizes, theta, saved_env_id = run_files.read_policy(path)
+    env_id = env_id or saved_env_id
+    env = make_env(env_id)
+    obs_dim, num_actions = env_dims(env)
+    env.close()
+    if sizes[0] != obs_dim or sizes[-1] != num_actions:
+        raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions, "
+                        f"but {env_id} has {obs_dim} and {num_actions}.")
+    net = MLP(sizes)
+    if theta.shape != (net.num_params,):
+        raise UserError(f"'{path}' holds {theta.size} weights, not the {net.num_params} of its network.")
+    return net, theta, env_id
 
 
 def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
@@ -1498,7 +1153,7 @@ def main(argv=None):
             # The vine's own defaults, for whatever the user did not set
             settings.update({k: v for k, v in SCHEME_DEFAULTS[args.scheme].items() if k not in typed})
             cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-        stop_on_sigterm()
+        parallel.stop_on_sigterm()
         _, _, history = train(cfg, resume=resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1513,14 +1168,6 @@ def main(argv=None):
     print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
           f"outputs in {cfg.out_dir()}")
     return 0
-
-
-def stop_on_sigterm():
-    """Treat SIGTERM (kill, a cluster's time limit) like Ctrl-C: stop cleanly and keep the work."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

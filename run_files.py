@@ -1,0 +1,257 @@
+"""run_files.py: what a training run leaves on disk. A reader of the TRPO paper can skip this file.
+
+What is here, none of it about TRPO (it is given plain arrays, dicts and strings, and
+imports nothing from trpo_numpy.py):
+
+* the output folder: `prepare_out_dir` (writable before training starts),
+  `check_folder_is_ours` (a resumed run never writes over another run's files);
+* `config.json` and `progress.csv` (one row per iteration, columns PROGRESS_COLUMNS),
+  and `format_log_line`, the same row as the line printed per iteration;
+* `policy.npz` (the weights and their architecture, for --eval) and `checkpoint.npz`
+  (everything a run needs to continue), both written atomically;
+* the plots `learning_curve.png`, `diagnostics.png`, `theory.png`, and the GIF of an episode;
+* `UserError`: a mistake the user can fix (a bad option, an unreadable file), which the
+  command line reports in one sentence with exit code 2.
+
+What is not here: the algorithm (trpo_numpy.py) and other processes (parallel.py).
+"""
+
+import csv
+import json
+import os
+
+import numpy as np
+
+
+class UserError(Exception):
+    """Something the user can fix (a bad option, an unknown env): reported in one sentence, exit code 2."""
+
+
+PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "accepted",
+                    "expected_improve", "actual_improve", "entropy", "value_loss", "explained_variance",
+                    "steps_per_s", "wall_s", "trunk_steps", "branch_steps", "rollout_states", "restores_per_s",
+                    "max_kl_state", "predicted_return_change", "theorem_penalty", "batch_return", "return_change"]
+CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
+POLICY_FORMAT = "trpo-numpy policy v1"
+
+
+# ----------------------------------------------------------------------------
+# The output folder, config.json and progress.csv
+# ----------------------------------------------------------------------------
+
+def prepare_out_dir(path):
+    """Create the output folder and prove it is writable now, before any training time is spent."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder '{path}': {e.strerror or e}.") from None
+
+
+def check_folder_is_ours(out_dir, run_id):
+    """A resumed run may continue in its own folder or an empty one, never over another run's files."""
+    config_path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(config_path):
+        return
+    try:
+        with open(config_path) as f:
+            other = json.load(f).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        other = None
+    if other != run_id:
+        raise UserError(f"'{out_dir}' holds another run; resume into its own folder or an empty one (--out).")
+
+
+def write_config(out_dir, settings):
+    """config.json: the run's settings (a dict), readable by people and by json.load."""
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+
+
+class ProgressCsv:
+    """progress.csv, one row per iteration, flushed after each so a crash loses no finished row."""
+
+    def __init__(self, out_dir, earlier_rows=()):
+        self.file = open(os.path.join(out_dir, "progress.csv"), "w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=PROGRESS_COLUMNS, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(earlier_rows)  # a resumed run's rows, up to its checkpoint
+
+    def write(self, row):
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def format_log_line(row):
+    """One line per iteration: what a student watches to see TRPO work (README, "What you see")."""
+    return (f"it {row['iteration']:4d} | steps {row['env_steps']:9,d} | return {row['rolling_return']:7.1f} "
+            f"({row['episodes']} ep) | kl {row['kl']:.4f} | backtracks {row['backtracks']} | "
+            f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
+            f"return change pred {row['predicted_return_change']:+.1f} real {row['return_change']:+.1f} | "
+            f"max kl {row['max_kl_state']:.3f} | "
+            f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
+            f"{row['steps_per_s']:,.0f} steps/s"
+            + (f" | vine: {row['rollout_states']} states, {row['branch_steps']:,} branch steps, "
+               f"{row['restores_per_s']:,.0f} restores/s" if row["rollout_states"] else ""))
+
+
+# ----------------------------------------------------------------------------
+# policy.npz and checkpoint.npz
+# ----------------------------------------------------------------------------
+
+def write_npz_atomically(path, **arrays):
+    """np.savez to a temporary file, flushed to disk, then renamed over `path`.
+
+    A rename is atomic: a crash at any moment leaves either the old file or the new
+    one, never half of one."""
+    temporary = path + ".tmp"
+    with open(temporary, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def save_policy(path, sizes, theta, env_id):
+    """The policy's weights and the layer sizes they belong to (what --eval needs, nothing more)."""
+    write_npz_atomically(path, format=POLICY_FORMAT, theta=theta, sizes=np.array(sizes), env=env_id)
+
+
+def open_npz(path, what):
+    """np.load a file this program wrote, or raise UserError saying in one sentence why it cannot be used."""
+    if not os.path.isfile(path):
+        raise UserError(f"no {what} file at '{path}'.")
+    try:
+        data = dict(np.load(path, allow_pickle=False))
+    except Exception as e:  # zip, pickle and header errors all mean: not a file of ours
+        raise UserError(f"'{path}' is not a readable {what} file ({type(e).__name__}).") from None
+    if str(data.get("format", "")) not in (CHECKPOINT_FORMAT, POLICY_FORMAT):
+        raise UserError(f"'{path}' is not a {what} file written by trpo_numpy.py.")
+    return data
+
+
+def read_policy(path):
+    """(layer sizes, theta, env id) from a policy.npz or checkpoint.npz."""
+    data = open_npz(path, "policy or checkpoint")
+    return [int(n) for n in data["sizes"]], data["theta"], str(data["env"])
+
+
+def write_checkpoint(path, snapshot, settings, sizes, value_sizes, env_id):
+    """checkpoint.npz, atomically: a snapshot of the training state (a dict: arrays for the weights
+    and Adam's moments, numbers and lists for the rest, the generator's state as a dict),
+    the run's settings and both networks' layer sizes. read_checkpoint gives the snapshot back."""
+    meta = {k: snapshot[k] for k in ("adam_t", "value_mean", "value_std", "iteration", "env_steps", "wall_s",
+                                     "run_id", "history")}
+    meta.update(config=settings)
+    write_npz_atomically(
+        path, format=CHECKPOINT_FORMAT, meta=json.dumps(meta), rng_state=json.dumps(snapshot["rng_state"]),
+        theta=snapshot["theta"], phi=snapshot["phi"], adam_m=snapshot["adam_m"], adam_v=snapshot["adam_v"],
+        episode_returns=np.array(snapshot["episode_returns"], dtype=np.float64),
+        sizes=np.array(sizes), value_sizes=np.array(value_sizes), env=env_id)
+
+
+def read_checkpoint(path):
+    """The snapshot a checkpoint file holds, with its settings under "config"; or UserError in one sentence."""
+    data = open_npz(path, "checkpoint")
+    if str(data["format"]) != CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' is a policy file, not a checkpoint: it cannot be resumed, only evaluated.")
+    try:
+        saved = json.loads(str(data["meta"]))
+        saved["config"].items()
+        saved["rng_state"] = json.loads(str(data["rng_state"]))
+        saved.update({k: data[k] for k in ("theta", "phi", "adam_m", "adam_v")})
+        saved["episode_returns"] = list(data["episode_returns"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UserError(f"'{path}' is a checkpoint of another version of trpo_numpy.py.") from None
+    return saved
+
+
+# ----------------------------------------------------------------------------
+# Plots and the animation
+# ----------------------------------------------------------------------------
+
+def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl):
+    """learning_curve.png (rolling return vs env steps), diagnostics.png (KL, backtracks, entropy,
+    improvement ratio) and theory.png (predicted vs realised improvement, mean vs max KL)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col = {k: np.array([row[k] for row in history], dtype=np.float64) for k in PROGRESS_COLUMNS}
+    steps = col["env_steps"]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, col["rolling_return"], label=f"{scheme_name}, seed {seed}")
+    ax.axhline(200, color="gray", linestyle="--", label="solved (200)")
+    ax.set(xlabel="environment steps", ylabel="mean return of last 100 episodes", title=f"TRPO on {env_id}")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "learning_curve.png"), dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    axes[0, 0].plot(steps, col["kl"], label="KL reached")
+    axes[0, 0].axhline(max_kl, color="red", linestyle="--", label="delta")
+    axes[0, 0].set(ylabel="mean KL(old || new)")
+    axes[0, 0].legend()
+    axes[0, 1].plot(steps, col["backtracks"], ".")
+    axes[0, 1].set(ylabel="line-search backtracks")
+    axes[1, 0].plot(steps, col["entropy"])
+    axes[1, 0].set(ylabel="policy entropy (nats)", xlabel="environment steps")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = col["actual_improve"] / col["expected_improve"]
+    axes[1, 1].plot(steps, ratio, ".")
+    axes[1, 1].axhline(1.0, color="gray", linestyle="--")
+    axes[1, 1].set(ylabel="actual / expected improvement", xlabel="environment steps")
+    for ax in axes.ravel():
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"TRPO diagnostics, {env_id}, seed {seed}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "diagnostics.png"), dpi=100)
+    plt.close(fig)
+
+    # theory.png: a step's predicted change of the return against the change that followed (the
+    # next batch's), and the mean KL the constraint holds against the max KL Theorem 1 is about.
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    predicted, realised = col["predicted_return_change"][:-1], col["return_change"][1:]
+    left.scatter(predicted, realised, s=10, alpha=0.6)
+    finite = np.isfinite(predicted) & np.isfinite(realised)
+    if finite.any():
+        low, high = np.percentile(np.concatenate([predicted[finite], realised[finite]]), [2, 98])
+        left.plot([low, high], [low, high], color="gray", linestyle="--", label="realised = predicted")
+        left.legend(loc="upper left")
+    left.set(xlabel="predicted change of the episode return (surrogate x episode length)",
+             ylabel="realised change (next batch's mean return)",
+             title=f"prediction vs outcome, corr {np.corrcoef(predicted[finite], realised[finite])[0, 1]:.2f}"
+             if finite.sum() > 2 else "prediction vs outcome")
+    right.semilogy(steps, col["kl"], label="mean KL over states (constrained)")
+    right.semilogy(steps, col["max_kl_state"], label="max KL over states (Theorem 1)")
+    right.axhline(max_kl, color="red", linestyle="--", label="delta")
+    right.set(xlabel="environment steps", ylabel="KL(pi_old || pi_new)",
+              title=f"Theorem 1's penalty C max KL: median {np.nanmedian(col['theorem_penalty']):.3g}")
+    right.legend(loc="upper right", fontsize=8)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "theory.png"), dpi=100)
+    plt.close(fig)
+
+
+def write_gif(path, frames, fps, every=2, max_width=300):
+    """Write RGB frames as an animated GIF with Pillow (which matplotlib already needs).
+
+    Every second frame at half size keeps a 1000-step episode to a few MB."""
+    from PIL import Image
+    shrink = max(1, int(np.ceil(frames[0].shape[1] / max_width)))
+    images = [Image.fromarray(np.ascontiguousarray(frame[::shrink, ::shrink])) for frame in frames[::every]]
+    try:
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 * every / fps), loop=0)
+    except OSError as e:
+        raise UserError(f"cannot write the animation to '{path}': {e.strerror or e}.") from None
