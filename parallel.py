@@ -6,7 +6,8 @@ imports nothing from trpo_numpy.py):
 * `pin_blas_threads` and `keep_freed_memory`: process settings that make NumPy's
   small matrix products fast when several processes share two cores.
 * `WorkerProcesses`: long-lived worker processes, started with "spawn", each owning
-  an object (an environment sampler, say) whose methods the main process calls.
+  an object (an environment sampler, say) whose methods the main process calls;
+  `InThisProcess` does the same in this process, for one worker.
 * `ForkPool`: runs functions in forked copies of the calling process, at most a
   given number at a time, and collects their results. A fork copies the process
   exactly, simulator included: that is how the vine restores a simulator state.
@@ -61,10 +62,15 @@ def stop_on_sigterm():
 # Spawned workers that each own an object
 # ----------------------------------------------------------------------------
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(1)
+
+
 def _worker_main(connection, make_object, args):
     """Body of a worker process: build make_object(*args), then answer (method, args) calls
     with the method's result, until the main process closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stopped mid-call: still run the cleanup below
     owned = make_object(*args)
     try:
         while True:
@@ -80,8 +86,8 @@ def _worker_main(connection, make_object, args):
 class WorkerProcesses:
     """One process per entry of `args_per_worker`, each owning `make_object(*args)`.
 
-    `call(method, *args)` runs that method in every worker at once and returns their
-    results in worker order. `make_object` must be a module-level function (spawn
+    `call(method, args_per_worker)` runs that method in every worker at once, worker w
+    with the arguments args_per_worker[w], and returns their results in worker order. `make_object` must be a module-level function (spawn
     pickles it by name). Workers are started with "spawn": a fresh interpreter that
     inherits no other worker's pipe, so a worker whose main process dies sees
     end-of-file and exits, and none is left behind.
@@ -91,6 +97,7 @@ class WorkerProcesses:
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self.connections, self.processes = [], []
+        self.busy = False  # a call was sent and its results are not all back
         for args in args_per_worker:
             parent, child = context.Pipe()
             process = context.Process(target=_worker_main, args=(child, make_object, args), daemon=True)
@@ -99,24 +106,46 @@ class WorkerProcesses:
             self.connections.append(parent)
             self.processes.append(process)
 
-    def call(self, method, *args):
-        """owned.method(*args) in every worker, in parallel; the list of their results."""
-        for connection in self.connections:
+    def call(self, method, args_per_worker):
+        """owned.method(*args) in every worker, each with its own args, in parallel; the list of results."""
+        self.busy = True
+        for connection, args in zip(self.connections, args_per_worker):
             connection.send((method, args))
         try:
-            return [connection.recv() for connection in self.connections]
+            results = [connection.recv() for connection in self.connections]
         except (EOFError, OSError):
             raise RuntimeError("a worker process died; see its error above") from None
+        self.busy = False
+        return results
 
     def close(self):
-        """Close the pipes (each worker then stops by itself); end any worker still running after 2 s."""
+        """Close the pipes (each idle worker then stops by itself); stop a worker interrupted in the
+        middle of a call (Ctrl-C) at once with SIGTERM, and any other still running after 2 s."""
         for connection in self.connections:
             connection.close()
         for process in self.processes:
-            process.join(timeout=2)
+            process.join(timeout=0 if self.busy else 2)
             if process.is_alive():
                 process.terminate()
                 process.join()
+
+
+class InThisProcess:
+    """WorkerProcesses' interface, with every object in this process and the calls run in turn.
+
+    For --workers 1, and wherever other processes are not wanted: the same code path,
+    without spawning anything."""
+
+    def __init__(self, make_object, args_per_worker):
+        self.objects = [make_object(*args) for args in args_per_worker]
+
+    def call(self, method, args_per_worker):
+        return [getattr(owned, method)(*args) for owned, args in zip(self.objects, args_per_worker)]
+
+    def close(self):
+        for owned in self.objects:
+            if hasattr(owned, "close"):
+                owned.close()
 
 
 # ----------------------------------------------------------------------------

@@ -841,7 +841,7 @@ def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
         net = MLP([4, 8, 2])
         theta = net.init(run_rng)
         value_fn = T.ValueFunction(MLP([4, 8, 1]), run_rng, lr=1e-3)
-        sampler = T.make_sampler(cfg, run_rng, value_fn, 2)
+        sampler = T.make_sampler(cfg, run_rng, value_fn)
         sampler.sample(net, theta, 8)  # a second batch starts mid-episode: replay must cover that
         batches[restore] = sampler.sample(net, theta, 8)
         sampler.close()

@@ -298,7 +298,7 @@ class ParallelSampler:
             (env_id, [int(env_seeds[i]) for i in part], [int(action_seeds[i]) for i in part]) for part in parts])
 
     def sample(self, net, theta, steps):
-        parts = self.workers.call("sample", net, theta, steps)
+        parts = self.workers.call("sample", [(net, theta, steps)] * len(self.workers.connections))
         return {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
 
     def close(self):
@@ -312,17 +312,21 @@ class ParallelSampler:
 def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None):
     """One branch of the vine: from env's current state take `first_action`, then follow pi_theta.
 
-    The branch runs H = len(uniforms) steps at most; step l samples its action with
-    uniforms[l], so branches given the same uniforms share their random numbers.
-    Returns (Q, steps), Q(s, a) = sum_l gamma^l r_l + gamma^H V(s_H): the value bootstrap
-    is added unless value_fn is None (the paper's pure Monte-Carlo form) or the episode
-    terminated; a time-limit truncation bootstraps like the horizon does.
+    The branch runs H = len(uniforms) steps at most, the first action included; step l
+    samples its action with uniforms[l], so branches given the same uniforms share
+    their random numbers. Returns (Q, steps), Q(s, a) = sum_l gamma^l r_l + gamma^H V(s_H):
+    the value bootstrap is added unless value_fn is None (the paper's pure Monte-Carlo
+    form) or the episode terminated; a time-limit truncation bootstraps like the horizon does.
     """
+    layers = net.unflatten(theta)  # split once: each step's policy pass is then three small products
     obs, reward, terminated, truncated, _ = env.step(int(first_action))
     q, discount, steps = reward, gamma, 1
     while steps < len(uniforms) and not (terminated or truncated):
-        logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
-        action = int(sample(logits, uniforms[steps:steps + 1])[0])
+        h = np.asarray(obs, dtype=np.float64)  # (D,): one state, so vector-matrix products
+        for W, b in layers[:-1]:
+            h = np.tanh(h @ W + b)
+        W, b = layers[-1]
+        action = int(sample((h @ W + b)[None], uniforms[steps:steps + 1])[0])
         obs, reward, terminated, truncated, _ = env.step(action)
         q += discount * reward
         discount *= gamma
@@ -344,76 +348,62 @@ def replay_env(env_id, seed, actions):
     return env
 
 
-class VineSampler:
-    """The vine (TRPO Sec. 5.2): trunk trajectories under pi_old, and branches from a rollout set of their states.
+class VineTrunk:
+    """One worker's share of the vine: some trunk environments, and the branches from their rollout states.
 
-    Each iteration: pick N of the trunk's T x E states at random (the rollout set); as
-    the trunk passes one of them, restore the simulator there once per action in the
-    state's action set, take that action, then follow pi_old for H steps: Q(s_n, a).
-    The action set is every action (the all-actions estimator, Eq. 15) or K draws from
-    q (uniform, or pi_old), for the importance-sampling estimator of Eq. (16). All
-    branches from one state share one stream of random numbers (common random numbers),
-    so the differences between their Q values, which drive the update, have low variance.
+    Each worker (one per core) steps its trunk environments under pi_old and, as a trunk
+    passes a rollout state, restores the simulator there once per action of the state's
+    action set and runs that branch. Restoring is a fork of this small worker process
+    (parallel.ForkPool: exact, the simulator's own random state included), one branch at
+    a time while the trunk goes on; or, with restore = "replay", a seeded replay of the
+    episode so far.
     """
 
-    def __init__(self, trunk, cfg, value_fn, rng, num_actions):
-        self.trunk, self.cfg, self.value_fn, self.rng = trunk, cfg, value_fn, rng
-        self.num_actions = num_actions
-        self.restore = cfg.vine_restore
-        if self.restore == "fork" and not hasattr(os, "fork"):
-            print("note: os.fork is not available here; the vine restores states by seeded replay, "
-                  "which is exact but slower.", file=sys.stderr)
-            self.restore = "replay"
-        self.pool = parallel.ForkPool(max_children=cfg.workers) if self.restore == "fork" else None
+    def __init__(self, env_id, env_seeds, action_seeds, restore):
+        self.env_id = env_id
+        self.trunk = SinglePathSampler([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
+        self.pool = parallel.ForkPool(max_children=2) if restore == "fork" else None
 
-    def action_set(self, trunk_logits):
-        """The actions to branch on from one state, and q(a|s) for each (None for all actions)."""
-        A, K = self.num_actions, self.cfg.vine_actions
-        if K == 0:
-            return np.arange(A), None
-        q = np.full(A, 1.0 / A) if self.cfg.vine_proposal == "uniform" else softmax(trunk_logits[None])[0]
-        actions = self.rng.choice(A, size=K, p=q)
-        return actions, q[actions]
+    def sample(self, net, theta, steps, rollout, uniforms, draws, proposal, gamma, value_fn):
+        """The trunk batch of this worker's E environments, plus what the branches found.
 
-    def sample(self, net, theta, steps):
-        """Trunk batch (as SinglePathSampler's) plus rollout_states (N, D), their Q estimates and action sets."""
-        cfg, E = self.cfg, len(self.trunk.envs)
-        N = min(cfg.vine_states, steps * E)
-        rollout = np.zeros((steps, E), dtype=bool)
-        rollout.flat[self.rng.choice(steps * E, size=N, replace=False)] = True
-        uniforms = self.rng.random((N, cfg.vine_horizon))  # one stream per state, shared by its branches
-        bootstrap = self.value_fn if cfg.vine_bootstrap else None
-        action_sets, proposal, replayed = [], [], {}
-        started = time.perf_counter()
+        `rollout` (T, E) marks the rollout states; `uniforms` (T, E, H) holds each one's
+        stream of random numbers, shared by all its branches. `draws` (T, E, K) holds the
+        uniforms that draw K actions from q (`proposal`: "uniform" or "pi_old"), or is None
+        to branch on every action. Adds to the batch, per state: Q (T, E, A), NaN for actions
+        not branched on; action_sets (T, E, K); q_drawn (T, E, K), q of each drawn action;
+        branch_steps (T, E).
+        """
+        A = net.sizes[-1]
+        K = A if draws is None else draws.shape[-1]
+        Q = np.full((steps, rollout.shape[1], A), np.nan)
+        action_sets = np.zeros((steps, rollout.shape[1], K), dtype=np.int64)
+        q_drawn = np.ones((steps, rollout.shape[1], K))
+        branch_steps = np.zeros(rollout.shape, dtype=np.int64)
+        replayed = {}
 
         def branch(t, e, trunk):
-            n = len(action_sets)  # states arrive in (t, e) order: the rollout set's row-major order
-            actions, q = self.action_set(trunk.last_logits[e])
-            action_sets.append(actions)
-            proposal.append(q)
+            if draws is None:
+                actions = np.arange(A)  # all actions: Eq. (15)
+            else:  # K draws from q: Eq. (16)
+                q_logits = trunk.last_logits[e] if proposal == "pi_old" else np.zeros(A)
+                actions = sample(np.tile(q_logits, (K, 1)), draws[t, e])
+                q_drawn[t, e] = softmax(q_logits[None])[0, actions]
+            action_sets[t, e] = actions
             for a in np.unique(actions):  # a repeated draw shares its branch: same action, same numbers
                 if self.pool is not None:
-                    self.pool.submit((n, a), lambda a=a: branch_rollout(
-                        trunk.envs[e], a, net, theta, uniforms[n], cfg.gamma, bootstrap))
+                    self.pool.submit((t, e, a), lambda a=a: branch_rollout(
+                        trunk.envs[e], a, net, theta, uniforms[t, e], gamma, value_fn))
                 else:
-                    env = replay_env(cfg.env, trunk.episode_seed[e], trunk.episode_actions[e])
-                    replayed[(n, a)] = branch_rollout(env, a, net, theta, uniforms[n], cfg.gamma, bootstrap)
+                    env = replay_env(self.env_id, trunk.episode_seed[e], trunk.episode_actions[e])
+                    replayed[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[t, e], gamma, value_fn)
                     env.close()
 
         batch = self.trunk.sample(net, theta, steps, branch_points=rollout, branch=branch)
-        results = self.pool.gather() if self.pool is not None else replayed
-        Q = np.full((N, self.num_actions), np.nan)
-        for (n, a), (q_value, _) in results.items():
-            Q[n, a] = q_value
-        batch.update(
-            rollout_states=batch["obs"][rollout],  # (N, D) in row-major (t, e) order
-            rollout_logits=batch["logits"][rollout],
-            Q=Q,
-            action_sets=np.array(action_sets),
-            proposal=None if proposal[0] is None else np.array(proposal),
-            branch_steps=sum(s for _, s in results.values()),
-            restores=len(results),
-            branch_seconds=time.perf_counter() - started)
+        for (t, e, a), (q_value, n) in (self.pool.gather() if self.pool is not None else replayed).items():
+            Q[t, e, a] = q_value
+            branch_steps[t, e] += n
+        batch.update(Q=Q, action_sets=action_sets, q_drawn=q_drawn, branch_steps=branch_steps)
         return batch
 
     def close(self):
@@ -422,17 +412,82 @@ class VineSampler:
         self.trunk.close()
 
 
-def make_sampler(cfg, rng, value_fn, num_actions):
+class VineSampler:
+    """The vine (TRPO Sec. 5.2): trunk trajectories under pi_old, and branches from a rollout set of their states.
+
+    Each iteration: pick N of the trunk's T x E states at random (the rollout set); from
+    each, once per action in the state's action set, take that action, then follow pi_old:
+    a branch of H steps in all, whose discounted return estimates Q(s_n, a). The action
+    set is every action (the all-actions estimator, Eq. 15) or K draws from q (uniform, or
+    pi_old), for the importance-sampling estimator of Eq. (16). All branches from one
+    state share one stream of random numbers (common random numbers), so the differences
+    between their Q values, which drive the update, have low variance.
+
+    The environments are split over `workers` VineTrunk workers, one per core, each
+    stepping its trunks and running its branches. All random numbers are drawn here, per
+    state, so the run does not depend on which worker a state falls to.
+    """
+
+    def __init__(self, cfg, env_seeds, action_seeds, value_fn, rng):
+        self.cfg, self.value_fn, self.rng = cfg, value_fn, rng
+        restore = cfg.vine_restore
+        if restore == "fork" and not hasattr(os, "fork"):
+            print("note: os.fork is not available here; the vine restores states by seeded replay, "
+                  "which is exact but slower.", file=sys.stderr)
+            restore = "replay"
+        self.parts = np.array_split(np.arange(cfg.num_envs), min(cfg.workers, cfg.num_envs))
+        args = [(cfg.env, [int(env_seeds[i]) for i in part], [int(action_seeds[i]) for i in part], restore)
+                for part in self.parts]
+        workers = parallel.WorkerProcesses if len(self.parts) > 1 else parallel.InThisProcess
+        self.trunks = workers(VineTrunk, args)
+
+    def sample(self, net, theta, steps):
+        """Trunk batch (as SinglePathSampler's) plus rollout_states (N, D), their Q estimates and action sets."""
+        cfg, E = self.cfg, self.cfg.num_envs
+        N = min(cfg.vine_states, steps * E)
+        rollout = np.zeros((steps, E), dtype=bool)
+        rollout.flat[self.rng.choice(steps * E, size=N, replace=False)] = True
+        uniforms = np.zeros((steps, E, cfg.vine_horizon))
+        uniforms[rollout] = self.rng.random((N, cfg.vine_horizon))  # one stream per state, for all its branches
+        draws = None
+        if cfg.vine_actions:
+            draws = np.zeros((steps, E, cfg.vine_actions))
+            draws[rollout] = self.rng.random((N, cfg.vine_actions))
+        bootstrap = self.value_fn if cfg.vine_bootstrap else None
+        started = time.perf_counter()
+        parts = self.trunks.call("sample", [
+            (net, theta, steps, rollout[:, part], uniforms[:, part], None if draws is None else draws[:, part],
+             cfg.vine_proposal, cfg.gamma, bootstrap) for part in self.parts])
+        seconds = time.perf_counter() - started
+        batch = {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
+        Q = batch.pop("Q")[rollout]  # (N, A), states in row-major (t, e) order
+        batch.update(
+            rollout_states=batch["obs"][rollout],
+            rollout_logits=batch["logits"][rollout],
+            Q=Q,
+            action_sets=batch.pop("action_sets")[rollout],
+            proposal=batch.pop("q_drawn")[rollout] if cfg.vine_actions else None,
+            branch_steps=int(batch.pop("branch_steps").sum()),
+            restores=int(np.sum(~np.isnan(Q))),
+            branch_seconds=seconds)
+        return batch
+
+    def close(self):
+        self.trunks.close()
+
+
+def make_sampler(cfg, rng, value_fn):
     """The scheme's sampler for cfg.num_envs environments, seeded from rng.
 
-    Single path: worker processes if cfg.workers > 1. Vine: the trunk runs in this
-    process, which forks the branches, up to cfg.workers at a time."""
+    Single path: worker processes if cfg.workers > 1. Vine: cfg.workers processes (this
+    one if 1), each stepping its share of the trunk environments and forking its branches."""
     env_seeds = rng.integers(TRAIN_SEED_LIMIT, size=cfg.num_envs)
     action_seeds = rng.integers(2 ** 63, size=cfg.num_envs)
-    if cfg.scheme == "single" and cfg.workers > 1:
+    if cfg.scheme == "vine":
+        return VineSampler(cfg, env_seeds, action_seeds, value_fn, rng)
+    if cfg.workers > 1:
         return ParallelSampler(cfg.env, env_seeds, action_seeds, min(cfg.workers, cfg.num_envs))
-    sampler = SinglePathSampler([make_env(cfg.env) for _ in range(cfg.num_envs)], env_seeds, action_seeds)
-    return VineSampler(sampler, cfg, value_fn, rng, num_actions) if cfg.scheme == "vine" else sampler
+    return SinglePathSampler([make_env(cfg.env) for _ in range(cfg.num_envs)], env_seeds, action_seeds)
 
 
 # ----------------------------------------------------------------------------
@@ -976,7 +1031,7 @@ def train(cfg, verbose=True, resume=None):
 
     # After a resume, the simulators cannot be restored (Box2D state is not saved): the
     # environments start new episodes, seeded from the restored generator.
-    sampler = make_sampler(cfg, rng, value_fn, num_actions)
+    sampler = make_sampler(cfg, rng, value_fn)
     snapshot = state.snapshot()
     start = time.perf_counter() - state.wall_s
     bar = tqdm(total=cfg.total_steps, initial=state.env_steps, unit="step", unit_scale=True,
