@@ -702,7 +702,11 @@ def lander_trajectory(seed=5, steps=60, branch_at=25):
             break
         env.step(a)
     forked = pool.gather()["fork"]
-    replayed = rest_of_trajectory(T.replay_env("LunarLander-v3", seed, actions[:branch_at]))
+    spare = T.make_env("LunarLander-v3")  # replay rebuilds the state in an env that has run another episode
+    spare.reset(seed=seed + 1)
+    for _ in range(40):
+        spare.step(2)
+    replayed = rest_of_trajectory(T.replay(spare, seed, actions[:branch_at]))
     return original, forked, replayed
 
 
@@ -835,7 +839,7 @@ def vine_config(tmp_path, name, **overrides):
 @needs_fork
 def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
     batches = {}
-    for restore in ("fork", "replay"):
+    for restore in ("fork", "replay", "auto"):
         cfg = vine_config(tmp_path, restore, vine_restore=restore)
         run_rng = np.random.default_rng(0)
         net = MLP([4, 8, 2])
@@ -847,7 +851,7 @@ def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
         sampler.close()
     fork, replay = batches["fork"], batches["replay"]
     assert fork["Q"].shape == (6, 2) and np.all(np.isfinite(fork["Q"]))
-    assert np.array_equal(fork["Q"], replay["Q"])
+    assert np.array_equal(fork["Q"], replay["Q"]) and np.array_equal(fork["Q"], batches["auto"]["Q"])
     assert fork["branch_steps"] == replay["branch_steps"] > 6
     # rollout states are trunk states, in (t, e) order
     for s in fork["rollout_states"]:
@@ -855,6 +859,25 @@ def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
 
 
 @needs_fork
+@needs_fork
+def test_auto_restore_replays_young_states_and_forks_old_ones():
+    trunk = T.VineTrunk("LunarLander-v3", [1], [2], "auto")
+    # a fork costs as much as some steps, more than none and fewer than a whole episode's worth
+    assert 1 < trunk.replay_below < 5000
+    net = MLP([8, 8, 4])
+    theta = net.init(np.random.default_rng(0))
+    trunk.replay_below = 10  # states 0-9 steps into their episode are replayed, the others forked
+    rollout = np.zeros((30, 1), dtype=bool)
+    rollout[[3, 20]] = True
+    forks = []
+    submit = trunk.pool.submit
+    trunk.pool.submit = lambda key, function: forks.append(key) or submit(key, function)
+    batch = trunk.sample(net, theta, 30, rollout, np.full((30, 1, 5), 0.5), None, "uniform", 0.99, None)
+    trunk.close()
+    assert sorted({t for t, _, _ in forks}) == [20]
+    assert np.all(np.isfinite(batch["Q"][[3, 20], 0])) and np.isnan(batch["Q"][0, 0]).all()
+
+
 def test_vine_trains_end_to_end_with_both_estimators(tmp_path):
     for name, extra in (("all", {}), ("sampled", dict(vine_actions=3, vine_proposal="pi_old"))):
         cfg = vine_config(tmp_path, name, total_steps=64, **extra)

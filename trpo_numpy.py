@@ -121,9 +121,12 @@ class Config:
                                 choices=["uniform", "pi_old"])
     vine_bootstrap: bool = option(True, "vine: add gamma^H V(s_H) to a branch that has not ended "
                                         "(--no-vine-bootstrap: the paper's pure Monte-Carlo Q)")
-    vine_restore: str = option("fork", "vine: how a trunk state is restored: 'fork' copies the process "
-                                       "(exact, a few ms); 'replay' re-runs the episode from its seed "
-                                       "(exact, slow; used where fork is missing)", choices=["fork", "replay"])
+    vine_restore: str = option("auto", "vine: how a trunk state is restored, all exact and giving the same run: "
+                                       "'fork' copies the process (a few ms, however old the episode); 'replay' "
+                                       "resets a spare env with the episode's seed and replays its actions (one "
+                                       "step per step so far; used where fork is missing); 'auto' replays where "
+                                       "that is cheaper than a fork (measured at start), else forks",
+                               choices=["auto", "fork", "replay"])
     entropy_coef: float = option(0.0, "beta, adds beta x the mean policy entropy to the surrogate (not in the "
                                       "paper; 0 is TRPO as published)")
     trust_region: bool = option(True, "--no-trust-region takes the natural-gradient step of the same size "
@@ -336,12 +339,11 @@ def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None
     return q, steps
 
 
-def replay_env(env_id, seed, actions):
-    """Rebuild a state without fork: a new env, reset with the episode's seed, replaying its actions.
+def replay(env, seed, actions):
+    """Rebuild a state without fork: reset env with the episode's seed and replay its actions.
 
-    Exact, because the simulator is deterministic given its seed, but it costs one step
-    per step of the episode so far."""
-    env = make_env(env_id)
+    Exact, because the simulator is deterministic given its seed (reset rebuilds every
+    body), but it costs one step per step of the episode so far. Returns env."""
     env.reset(seed=seed)
     for action in actions:
         env.step(action)
@@ -353,16 +355,39 @@ class VineTrunk:
 
     Each worker (one per core) steps its trunk environments under pi_old and, as a trunk
     passes a rollout state, restores the simulator there once per action of the state's
-    action set and runs that branch. Restoring is a fork of this small worker process
-    (parallel.ForkPool: exact, the simulator's own random state included), one branch at
-    a time while the trunk goes on; or, with restore = "replay", a seeded replay of the
-    episode so far.
+    action set and runs that branch. Two exact ways to restore, giving the same Q:
+    a fork of this small worker process (parallel.ForkPool: a few ms, the simulator's own
+    random state included; two branches run at a time while the trunk goes on), or a
+    replay of the episode so far in a spare environment (one step per step so far).
+    restore = "auto" replays states younger than the number of steps a fork costs.
     """
 
     def __init__(self, env_id, env_seeds, action_seeds, restore):
-        self.env_id = env_id
         self.trunk = SinglePathSampler([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
-        self.pool = parallel.ForkPool(max_children=2) if restore == "fork" else None
+        self.spare = make_env(env_id)  # where states are rebuilt by replay
+        self.pool = parallel.ForkPool(max_children=2) if restore != "replay" else None
+        # replay a state whose episode has run fewer steps than this, fork from any other
+        self.replay_below = {"fork": 0, "replay": float("inf")}[restore] if restore != "auto" else self.steps_per_fork()
+
+    def steps_per_fork(self):
+        """How many simulator steps cost as much as restoring a state by fork and running a short branch
+        in the copy, minus that branch (measured here: fork costs differ a lot between machines)."""
+        def timed(function, repeats=10):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                function()
+            return (time.perf_counter() - start) / repeats
+
+        def steps(count):
+            for _ in range(count):
+                self.spare.step(0)  # engines off: falling, and not yet landed in 20 steps
+
+        def forked_steps(count):
+            self.pool.submit(0, lambda: steps(count))
+            self.pool.gather()
+        self.spare.reset(seed=0)
+        plain = timed(lambda: steps(20), repeats=5) / 20
+        return (timed(lambda: forked_steps(20)) - 20 * plain) / plain
 
     def sample(self, net, theta, steps, rollout, uniforms, draws, proposal, gamma, value_fn):
         """The trunk batch of this worker's E environments, plus what the branches found.
@@ -380,7 +405,7 @@ class VineTrunk:
         action_sets = np.zeros((steps, rollout.shape[1], K), dtype=np.int64)
         q_drawn = np.ones((steps, rollout.shape[1], K))
         branch_steps = np.zeros(rollout.shape, dtype=np.int64)
-        replayed = {}
+        results = {}  # (t, e, a) -> (Q, branch steps)
 
         def branch(t, e, trunk):
             if draws is None:
@@ -391,16 +416,17 @@ class VineTrunk:
                 q_drawn[t, e] = softmax(q_logits[None])[0, actions]
             action_sets[t, e] = actions
             for a in np.unique(actions):  # a repeated draw shares its branch: same action, same numbers
-                if self.pool is not None:
+                if len(trunk.episode_actions[e]) >= self.replay_below:
                     self.pool.submit((t, e, a), lambda a=a: branch_rollout(
                         trunk.envs[e], a, net, theta, uniforms[t, e], gamma, value_fn))
                 else:
-                    env = replay_env(self.env_id, trunk.episode_seed[e], trunk.episode_actions[e])
-                    replayed[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[t, e], gamma, value_fn)
-                    env.close()
+                    env = replay(self.spare, trunk.episode_seed[e], trunk.episode_actions[e])
+                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[t, e], gamma, value_fn)
 
         batch = self.trunk.sample(net, theta, steps, branch_points=rollout, branch=branch)
-        for (t, e, a), (q_value, n) in (self.pool.gather() if self.pool is not None else replayed).items():
+        if self.pool is not None:
+            results.update(self.pool.gather())
+        for (t, e, a), (q_value, n) in results.items():
             Q[t, e, a] = q_value
             branch_steps[t, e] += n
         batch.update(Q=Q, action_sets=action_sets, q_drawn=q_drawn, branch_steps=branch_steps)
@@ -409,6 +435,7 @@ class VineTrunk:
     def close(self):
         if self.pool is not None:
             self.pool.close()
+        self.spare.close()
         self.trunk.close()
 
 
@@ -431,7 +458,7 @@ class VineSampler:
     def __init__(self, cfg, env_seeds, action_seeds, value_fn, rng):
         self.cfg, self.value_fn, self.rng = cfg, value_fn, rng
         restore = cfg.vine_restore
-        if restore == "fork" and not hasattr(os, "fork"):
+        if restore != "replay" and not hasattr(os, "fork"):
             print("note: os.fork is not available here; the vine restores states by seeded replay, "
                   "which is exact but slower.", file=sys.stderr)
             restore = "replay"
