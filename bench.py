@@ -37,7 +37,6 @@ import numpy as np
 from network import MLP
 
 SOLVED = 200.0
-VINE_MAX_ITERATIONS = 150
 
 
 def raw_ceiling(env_id, steps=20_000, seed=0):
@@ -85,10 +84,11 @@ def first_crossing(history, threshold=SOLVED):
 
 def bench_seed(scheme, seed, total_steps, eval_episodes, out_root):
     ceiling = raw_ceiling(T.Config.env, seed=seed)
-    cfg = T.Config(scheme=scheme, seed=seed, total_steps=total_steps,
-                   out=os.path.join(out_root, f"{scheme}-seed{seed}"), **T.SCHEME_DEFAULTS[scheme])
-    if scheme == "vine":
-        cfg = T.dataclasses.replace(cfg, total_steps=VINE_MAX_ITERATIONS * cfg.batch_size, stop_return=SOLVED)
+    out = os.path.join(out_root, f"{scheme}-seed{seed}")
+    if scheme == "vine":  # its defaults: at most T.VINE_ITERATIONS iterations, stopping once solved (200)
+        cfg = T.scheme_config(scheme, seed=seed, out=out)
+    else:
+        cfg = T.scheme_config(scheme, seed=seed, out=out, total_steps=total_steps)
     net, theta, history = T.train(cfg, verbose=False)
     solved = first_crossing(history)
     last = history[-1]
@@ -104,14 +104,13 @@ def bench_seed(scheme, seed, total_steps, eval_episodes, out_root):
         "iterations_to_200": solved["iteration"] if solved else None,
         "curve": [(row["env_steps"], row["rolling_return"]) for row in history],
     }
+    greedy = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=True)
+    sampled = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=False, rng=np.random.default_rng(seed))
+    result.update(eval_greedy_mean=float(greedy.mean()), eval_greedy_std=float(greedy.std()),
+                  eval_sampled_mean=float(sampled.mean()), eval_sampled_std=float(sampled.std()))
     if scheme == "single":
         throughput = last["env_steps"] / last["wall_s"]
-        greedy = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=True)
-        sampled = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=False,
-                                    rng=np.random.default_rng(seed))
-        result.update(train_steps_per_s=throughput, ratio_to_ceiling=throughput / ceiling,
-                      eval_greedy_mean=float(greedy.mean()), eval_greedy_std=float(greedy.std()),
-                      eval_sampled_mean=float(sampled.mean()), eval_sampled_std=float(sampled.std()))
+        result.update(train_steps_per_s=throughput, ratio_to_ceiling=throughput / ceiling)
     else:
         simulated = last["env_steps"] + sum(row["branch_steps"] for row in history)
         upto = [row for row in history if row["iteration"] <= (solved or last)["iteration"]]
@@ -162,8 +161,8 @@ def single_table(results, eval_episodes):
 def vine_table(results):
     lines = [
         "| seed | iterations to 200 | trunk steps to 200 | simulated steps to 200 | seconds to 200 | "
-        "utilisation | raw ceiling steps/s | restore + branch |",
-        "|---|---|---|---|---|---|---|---|",
+        "utilisation | raw ceiling steps/s | fork restore + branch | greedy eval (100 ep) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
@@ -171,7 +170,8 @@ def vine_table(results):
             f"{fmt(r['steps_to_200'], ',d')} | {fmt(r['simulated_steps_to_200'], ',d')} | "
             f"{fmt(r['seconds_to_200'], '.0f')} | {r['utilisation']:.2f} | {r['ceiling_steps_per_s']:,.0f} | "
             f"{r['restore_branch_ms']:.1f} ms for {r['restore_branch_steps']:.0f} steps "
-            f"(= {r['restore_branch_in_plain_steps']:.0f} plain steps) |")
+            f"(= {r['restore_branch_in_plain_steps']:.0f} plain steps) | "
+            f"{r['eval_greedy_mean']:.1f} ± {r['eval_greedy_std']:.1f} |")
     solved = sum(r["iterations_to_200"] is not None for r in results)
     lines.append(
         f"| **median** | {fmt(median_of([r['iterations_to_200'] for r in results]), '.0f')} "
@@ -179,7 +179,8 @@ def vine_table(results):
         f"{fmt(median_of([r['simulated_steps_to_200'] for r in results]), ',.0f')} | "
         f"{fmt(median_of([r['seconds_to_200'] for r in results]), '.0f')} | "
         f"{np.median([r['utilisation'] for r in results]):.2f} | "
-        f"{np.median([r['ceiling_steps_per_s'] for r in results]):,.0f} | |")
+        f"{np.median([r['ceiling_steps_per_s'] for r in results]):,.0f} | | "
+        f"{np.mean([r['eval_greedy_mean'] for r in results]):.1f} (mean) |")
     return "\n".join(lines)
 
 
@@ -236,8 +237,8 @@ def main(argv=None):
     parser.add_argument("--scheme", default="single", choices=["single", "vine"], help="sampling scheme")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
     parser.add_argument("--total-steps", type=int, default=T.Config.total_steps,
-                        help=f"env steps per single-path run (the vine runs at most {VINE_MAX_ITERATIONS} iterations)")
-    parser.add_argument("--eval-episodes", type=int, default=100, help="single path: evaluation episodes")
+                        help=f"env steps per single-path run (the vine runs at most {T.VINE_ITERATIONS} iterations)")
+    parser.add_argument("--eval-episodes", type=int, default=100, help="evaluation episodes of each final policy")
     parser.add_argument("--out", default="bench_results", help="folder for the table, JSON and run outputs")
     parser.add_argument("--trust-region-demo", action="store_true",
                         help="instead: train the first seed with delta = 1 twice, with and without the line "
@@ -265,7 +266,7 @@ def main(argv=None):
     with open(os.path.join(args.out, f"{args.scheme}.md"), "w") as f:
         f.write(f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores.\n\n{table}\n")
     with open(os.path.join(args.out, f"{args.scheme}.json"), "w") as f:
-        config = T.Config(scheme=args.scheme, **T.SCHEME_DEFAULTS[args.scheme])
+        config = T.scheme_config(args.scheme)
         json.dump({"command": command, "config": T.dataclasses.asdict(config), "results": results}, f, indent=1)
     plot_curves(results, args.scheme, os.path.join("plots", f"{args.scheme}_learning_curves.png"))
 

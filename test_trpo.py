@@ -512,6 +512,17 @@ def test_help_explains_every_flag():
         assert symbol in text
 
 
+def test_a_vine_run_by_default_stops_once_solved_or_after_its_iteration_budget():
+    vine = T.scheme_config("vine")
+    assert vine.stop_return == 200  # LunarLander-v3's reward threshold
+    assert vine.total_steps == T.VINE_ITERATIONS * vine.batch_size
+    assert T.scheme_config("vine", env="CartPole-v1").stop_return == 475
+    given = T.scheme_config("vine", total_steps=5000, stop_return=100.0, num_envs=3)
+    assert (given.total_steps, given.stop_return, given.num_envs) == (5000, 100.0, 3)
+    single = T.scheme_config("single")
+    assert single == T.Config() and single.stop_return is None
+
+
 # ----------------------------------------------------------------------------
 # Checkpoints, resume, interruption, evaluation
 # ----------------------------------------------------------------------------

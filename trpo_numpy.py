@@ -68,10 +68,13 @@ SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 # not given on the command line. Its trunk is short (the branches carry the signal); its
 # all-actions estimate has so little noise that larger steps pay; gamma = 0.99 keeps the
 # H-step branches from leaning on the value bootstrap (0.999^100 = 0.9); its Fisher is taken
-# over the few rollout states, every one of them.
+# over the few rollout states, every one of them. Unless told otherwise, a vine run stops
+# once solved (the environment's reward threshold, 200 for LunarLander) or after
+# VINE_ITERATIONS iterations: a run a class can wait for.
 SCHEME_DEFAULTS = {"single": {},
                    "vine": {"num_envs": 8, "steps_per_env": 128, "gamma": 0.99, "max_kl": 0.05,
                             "fisher_subsample": 1}}
+VINE_ITERATIONS = 150
 
 
 @dataclass
@@ -81,12 +84,14 @@ class Config:
     env: str = option("LunarLander-v3", "Gymnasium environment id; needs a Box observation and a Discrete action space")
     seed: int = option(0, "random seed for networks, action sampling and environment resets; "
                           "the same seed gives the same run, to the bit, on the same machine")
-    total_steps: int = option(1_000_000, "environment steps to train for (trunk steps, summed over all environments)")
+    total_steps: int = option(1_000_000, "environment steps to train for (trunk steps, summed over all environments; "
+                                         "the vine: 150 iterations' worth unless given)")
     num_envs: int = option(16, "environments sampled side by side; the policy runs one batched forward pass "
                                "for all (the vine: 8 unless given)")
-    workers: int = option(2, "processes working in parallel, one per core: the single path's environment "
-                             "workers (1 = all in this process), the vine's branch processes at a time; a run is "
-                             "reproducible to the bit for the same seed and the same number of workers")
+    workers: int = option(2, "processes working in parallel, one per core, each stepping its share of the "
+                             "environments (the vine's also run their states' branches); 1 = all in this "
+                             "process; a run is reproducible to the bit for the same seed and the same number "
+                             "of workers")
     steps_per_env: int = option(512, "steps per environment per iteration; batch size = num_envs * steps_per_env "
                                      "(the vine's trunk: 128 unless given)")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
@@ -133,7 +138,8 @@ class Config:
                                       "without the line search: nothing then keeps the KL at delta or makes "
                                       "the surrogate improve (to watch what the trust region prevents)")
     stop_return: float = option(None, "stop early once the mean return of the last 100 episodes reaches this "
-                                      "(e.g. 200, LunarLander's 'solved'); by default train for --total-steps")
+                                      "(e.g. 200, LunarLander's 'solved'); by default train for --total-steps "
+                                      "(the vine: stops at the environment's reward threshold unless given)")
     save_every: int = option(10, "write <out>/checkpoint.npz every this many iterations (and always at the end)")
     out: str = option("", "output folder for progress.csv, config.json, policy.npz and plots "
                           "(default runs/<scheme>-seed<seed>)")
@@ -167,6 +173,16 @@ class Config:
             raise UserError(f"--hidden needs one or more positive layer sizes, got {list(self.hidden)}.")
 
 
+def scheme_config(scheme, **given):
+    """The Config of a run: the settings given, and the scheme's defaults (SCHEME_DEFAULTS) for the rest."""
+    cfg = Config(**{**SCHEME_DEFAULTS[scheme], **given, "scheme": scheme})
+    if scheme == "vine" and "total_steps" not in given:
+        cfg.total_steps = VINE_ITERATIONS * cfg.batch_size
+    if scheme == "vine" and "stop_return" not in given:
+        cfg.stop_return = reward_threshold(cfg.env)
+    return cfg
+
+
 # ----------------------------------------------------------------------------
 # Environments
 # ----------------------------------------------------------------------------
@@ -194,6 +210,15 @@ def make_env(env_id, render_mode=None):
         raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
                         "the networks need a flat Box observation.")
     return env
+
+
+def reward_threshold(env_id):
+    """The return at which Gymnasium counts env_id as solved (LunarLander: 200), or None."""
+    import gymnasium as gym
+    try:
+        return gym.spec(env_id).reward_threshold
+    except gym.error.Error:
+        return None  # an unknown id: make_env says so, in one sentence
 
 
 def env_dims(env):
@@ -1231,10 +1256,8 @@ def main(argv=None):
             cfg = dataclasses.replace(cfg, **overrides)
         else:
             resume = None
-            settings = {k: v for k, v in vars(args).items() if k in config_fields}
-            # The vine's own defaults, for whatever the user did not set
-            settings.update({k: v for k, v in SCHEME_DEFAULTS[args.scheme].items() if k not in typed})
-            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+            given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
+            cfg = scheme_config(args.scheme, **given)
         parallel.stop_on_sigterm()
         _, _, history = train(cfg, resume=resume)
     except UserError as e:
