@@ -395,24 +395,15 @@ class VineTrunk:
         self.replay_below = {"fork": 0, "replay": float("inf")}[restore] if restore != "auto" else self.steps_per_fork()
 
     def steps_per_fork(self):
-        """How many simulator steps cost as much as restoring a state by fork and running a short branch
-        in the copy, minus that branch (measured here: fork costs differ a lot between machines)."""
-        def timed(function, repeats=10):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                function()
-            return (time.perf_counter() - start) / repeats
-
-        def steps(count):
-            for _ in range(count):
+        """How many simulator steps cost as much as restoring a state by fork (measured here:
+        the cost of a fork differs a lot between machines)."""
+        def twenty_steps():
+            for _ in range(20):
                 self.spare.step(0)  # engines off: falling, and not yet landed in 20 steps
-
-        def forked_steps(count):
-            self.pool.submit(0, lambda: steps(count))
-            self.pool.gather()
         self.spare.reset(seed=0)
-        plain = timed(lambda: steps(20), repeats=5) / 20
-        return (timed(lambda: forked_steps(20)) - 20 * plain) / plain
+        twenty_steps()  # warm up
+        seconds, fork_seconds = self.pool.fork_overhead(twenty_steps)
+        return fork_seconds / (seconds / 20)
 
     def sample(self, net, theta, steps, rollout, uniforms, draws, proposal, gamma, value_fn):
         """The trunk batch of this worker's E environments, plus what the branches found.
