@@ -7,6 +7,7 @@ out by hand, and plain loops. No autodiff framework.
 Run:  python -m pytest -q test_trpo.py
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -521,6 +522,16 @@ def test_a_vine_run_by_default_stops_once_solved_or_after_its_iteration_budget()
     assert (given.total_steps, given.stop_return, given.num_envs) == (5000, 100.0, 3)
     single = T.scheme_config("single")
     assert single == T.Config() and single.stop_return is None
+
+
+def test_the_command_line_gives_the_vine_its_defaults(tmp_path):
+    result = run_cli("--scheme", "vine", "--env", "CartPole-v1", "--total-steps", "32", "--num-envs", "2",
+                     "--steps-per-env", "8", "--vine-states", "4", "--vine-horizon", "5", "--hidden", "8",
+                     "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["total_steps"], saved["num_envs"], saved["hidden"]) == (32, 2, [8])  # as given
+    assert saved["gamma"] == T.SCHEME_DEFAULTS["vine"]["gamma"] and saved["stop_return"] == 475  # the vine's own
 
 
 # ----------------------------------------------------------------------------

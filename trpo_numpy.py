@@ -173,7 +173,7 @@ class Config:
             raise UserError(f"--hidden needs one or more positive layer sizes, got {list(self.hidden)}.")
 
 
-def scheme_config(scheme, **given):
+def scheme_config(scheme="single", **given):
     """The Config of a run: the settings given, and the scheme's defaults (SCHEME_DEFAULTS) for the rest."""
     cfg = Config(**{**SCHEME_DEFAULTS[scheme], **given, "scheme": scheme})
     if scheme == "vine" and "total_steps" not in given:
@@ -1248,7 +1248,7 @@ def main(argv=None):
         else:
             resume = None
             given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
-            cfg = scheme_config(args.scheme, **given)
+            cfg = scheme_config(**given)
         parallel.stop_on_sigterm()
         _, _, history = train(cfg, resume=resume)
     except UserError as e:
