@@ -11,18 +11,19 @@ at which the rolling 100-episode training mean first reached 200; the final
 policy's mean return over evaluation episodes on seeds training never used,
 greedy (most likely action) and sampled.
 
-Vine (--scheme vine), per seed, until the rolling 100-episode trunk mean first
-reached 200 (the run stops there): iterations, trunk env steps, all simulated
-steps (trunk and branches) and wall seconds; the simulator's utilisation, i.e.
-simulated steps per second as a ratio of the ceiling times the cores; and the cost
-of one restore (fork) plus a branch, against plain env steps.
+Vine (--scheme vine), per seed, with the vine's defaults (it stops once the rolling
+100-episode trunk mean reaches 200, or after 150 iterations): iterations, trunk env
+steps, all simulated steps (trunk and branches) and wall seconds to 200; the
+simulator's utilisation, i.e. trunk and branch steps per second as a ratio of the
+ceiling times the cores; the cost of one fork restore plus a branch, against plain
+env steps; and the final policy's greedy evaluation.
 
 It prints a Markdown table, writes it and a JSON file to bench_results/, and
 plots every seed's learning curve to plots/<scheme>_learning_curves.png.
 
 Usage:
   python bench.py --scheme single --seeds 0 1 2 3 4
-  python bench.py --scheme vine --seeds 0 1 2
+  python bench.py --scheme vine --seeds 0 1 2 3 4
 """
 
 import argparse

@@ -164,8 +164,9 @@ def kl(z_old, z_new):
 def sample(z, uniforms):
     """Draw one action per row from softmax(z) by inverting the cumulative distribution.
 
-    `uniforms` holds one number in [0, 1) per row (e.g. rng.random(len(z))): action a is
-    chosen when cdf[a-1] <= u < cdf[a]. Passing the uniforms in lets every environment
+    `uniforms` holds one number u in [0, 1) per row (e.g. rng.random(len(z))); the action is
+    the number of entries of the cumulative distribution cdf below u (u scaled by the cdf's
+    total): a is chosen when cdf[a-1] < u <= cdf[a], and u = 0 gives action 0. Passing the uniforms in lets every environment
     draw from its own generator, so a run does not depend on how environments are batched."""
     cdf = np.cumsum(softmax(z), axis=-1)
     u = np.asarray(uniforms)[:, None] * cdf[:, -1:]  # scale by the total so rounding never leaves u > cdf[-1]

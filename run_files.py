@@ -19,6 +19,7 @@ What is not here: the algorithm (trpo_numpy.py) and other processes (parallel.py
 import csv
 import json
 import os
+import time
 
 import numpy as np
 
@@ -49,6 +50,11 @@ def prepare_out_dir(path):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to output folder '{path}': {e.strerror or e}.") from None
+
+
+def new_run_id(seed):
+    """A name for a new run, different from any other run's: start time, seed and process id."""
+    return f"{int(time.time())}-{seed}-{os.getpid()}"
 
 
 def check_folder_is_ours(out_dir, run_id):

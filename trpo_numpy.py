@@ -702,7 +702,9 @@ def conjugate_gradient(matrix_vector_product, b, iters, residual_tol=1e-10):
 
 def maximal_step(x, x_F_x, max_kl):
     """beta x with beta = sqrt(2 delta / x^T F x) (Appendix C): the longest step along x whose
-    quadratic model of the KL, 1/2 (beta x)^T F (beta x), equals delta."""
+    quadratic model of the KL, 1/2 (beta x)^T F (beta x), equals delta. trpo_step passes
+    x^T (F + lambda I) x, the damped matrix it solved with, so its step is a little shorter
+    and its KL model a little above the true quadratic one (the log shows the KL reached)."""
     return np.sqrt(2 * max_kl / x_F_x) * x
 
 
@@ -729,8 +731,10 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     `surrogate_of_logits(logits)` returns (L, dL/dlogits) for the scheme's surrogate
     on `states`. In the code's symbols:
       1. g = dL/dtheta at theta_old (backprop of dL/dz)
-      2. x = F^-1 g by conjugate gradient, F the Fisher (= Hessian of KLbar) at theta_old
-      3. beta = sqrt(2 delta / x^T F x), the largest step with quadratic KL model = delta
+      2. x = (F + lambda I)^-1 g by conjugate gradient, F the Fisher (= Hessian of KLbar) at
+         theta_old, lambda the damping that keeps CG well conditioned
+      3. beta = sqrt(2 delta / x^T (F + lambda I) x): the quadratic KL model of the step is
+         at most delta (the damping makes it a little less: about 0.7 delta at the defaults)
       4. full_step = beta x; first-order predicted improvement g . full_step
       5. line search: shrink until KLbar <= delta and L improves; else keep theta_old
     Returns (theta_new, info) with the diagnostics the log line shows; info["logits_new"] holds
@@ -748,7 +752,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         info["skipped"] = "gradient is zero or not finite"
         return theta_old, info
 
-    # 2. natural gradient direction x = F^-1 g, F estimated on every k-th state
+    # 2. natural gradient direction x = (F + lambda I)^-1 g, F estimated on every k-th state
     fisher_states = states[::cfg.fisher_subsample]
     fisher_cache = net.forward(theta_old, fisher_states)[1] if cfg.fisher_subsample > 1 else cache
     fisher_probs = probs_old[::cfg.fisher_subsample]
@@ -757,7 +761,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         return fisher_vector_product(net, theta_old, fisher_cache, fisher_probs, v, cfg.damping)
     x = conjugate_gradient(Fvp, g, cfg.cg_iters)
 
-    # 3. step size from the quadratic model of the KL: 1/2 (beta x)^T F (beta x) = delta
+    # 3. step size from the quadratic model of the KL: 1/2 (beta x)^T (F + lambda I) (beta x) = delta
     x_F_x = x @ Fvp(x)
     if not (np.all(np.isfinite(x)) and np.isfinite(x_F_x) and x_F_x > 0):
         info["skipped"] = "conjugate gradient gave a non-finite or non-positive x^T F x"
@@ -855,7 +859,7 @@ class TrainingState:
 
     def __init__(self, cfg, policy_net, value_fn, rng, theta):
         self.cfg, self.policy_net, self.value_fn, self.rng, self.theta = cfg, policy_net, value_fn, rng, theta
-        self.run_id = f"{int(time.time())}-{cfg.seed}-{os.getpid()}"  # tells this run from another in a folder
+        self.run_id = run_files.new_run_id(cfg.seed)  # tells this run from another in a folder
         self.iteration = 0
         self.env_steps = 0
         self.wall_s = 0.0  # training time before this process started (a resumed run)
