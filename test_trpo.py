@@ -531,7 +531,7 @@ def test_the_command_line_gives_the_vine_its_defaults(tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["total_steps"], saved["num_envs"], saved["hidden"]) == (32, 2, [8])  # as given
-    assert saved["gamma"] == T.SCHEME_DEFAULTS["vine"]["gamma"] and saved["stop_return"] == 475  # the vine's own
+    assert saved["max_kl"] == T.SCHEME_DEFAULTS["vine"]["max_kl"] and saved["stop_return"] == 475  # the vine's own
 
 
 # ----------------------------------------------------------------------------

@@ -65,15 +65,14 @@ def option(default, help, **extra):
 SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
 # Where the vine's settings differ from the single path's (Config's defaults), for options
-# not given on the command line. Its trunk is short (the branches carry the signal); its
-# all-actions estimate has so little noise that larger steps pay; gamma = 0.99 keeps the
-# H-step branches from leaning on the value bootstrap (0.999^100 = 0.9); its Fisher is taken
-# over the few rollout states, every one of them. Unless told otherwise, a vine run stops
-# once solved (the environment's reward threshold, 200 for LunarLander) or after
-# VINE_ITERATIONS iterations: a run a class can wait for.
+# not given on the command line. Its trunk is the single path's batch, run longer per
+# environment (32 x 256 states: many finished episodes per iteration for the value fit and
+# the rolling return, at little cost next to the branches); its all-actions estimate has so
+# little noise that larger steps pay; its Fisher is taken over the few rollout states, every
+# one of them. Unless told otherwise, a vine run stops once solved (the environment's reward
+# threshold, 200 for LunarLander) or after VINE_ITERATIONS iterations: a run a class can wait for.
 SCHEME_DEFAULTS = {"single": {},
-                   "vine": {"num_envs": 8, "steps_per_env": 128, "gamma": 0.99, "max_kl": 0.05,
-                            "fisher_subsample": 1}}
+                   "vine": {"num_envs": 32, "steps_per_env": 256, "max_kl": 0.05, "fisher_subsample": 1}}
 VINE_ITERATIONS = 150
 
 
@@ -87,13 +86,13 @@ class Config:
     total_steps: int = option(1_000_000, "environment steps to train for (trunk steps, summed over all environments; "
                                          "the vine: 150 iterations' worth unless given)")
     num_envs: int = option(16, "environments sampled side by side; the policy runs one batched forward pass "
-                               "for all (the vine: 8 unless given)")
+                               "for all (the vine: 32 unless given)")
     workers: int = option(2, "processes working in parallel, one per core, each stepping its share of the "
                              "environments (the vine's also run their states' branches); 1 = all in this "
                              "process; a run is reproducible to the bit for the same seed and the same number "
                              "of workers")
     steps_per_env: int = option(512, "steps per environment per iteration; batch size = num_envs * steps_per_env "
-                                     "(the vine's trunk: 128 unless given)")
+                                     "(the vine's trunk: 256 unless given)")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
                                      "('--hidden 16 16' is the request notebook's 8-16-16-4 policy)", nargs="+")
     max_kl: float = option(0.02, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12) "
@@ -107,7 +106,7 @@ class Config:
     backtrack_coeff: float = option(0.8, "alpha, the line search shrinks the step by this factor each backtrack")
     max_backtracks: int = option(10, "line-search attempts before keeping theta_old")
     gamma: float = option(0.999, "gamma, the discount factor: LunarLander's +100 for coming to rest arrives at the "
-                                 "end of episodes hundreds of steps long (the vine: 0.99 unless given)")
+                                 "end of episodes hundreds of steps long")
     lam: float = option(0.97, "lambda of GAE(gamma, lambda) (GAE paper Eq. 16); 1 is Monte Carlo, 0 is TD(0)")
     advantage: str = option("gae", "advantage estimator: 'gae' (GAE(lambda) with a learned value function) or "
                                    "'mc' (discounted return-to-go minus the value baseline, as TRPO Sec. 5.1)",
