@@ -94,7 +94,7 @@ class Config:
     steps_per_env: int = option(512, "steps per environment per iteration; batch size = num_envs * steps_per_env "
                                      "(the vine's trunk: 256 unless given)")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
-                                     "('--hidden 16 16' is the request notebook's 8-16-16-4 policy)", nargs="+")
+                                     "('--hidden 16 16' gives LunarLander an 8-16-16-4 policy)", nargs="+")
     max_kl: float = option(0.02, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12) "
                                  "(the vine: 0.05 unless given)")
     damping: float = option(0.1, "lambda, added to the Fisher matrix (F + lambda I) so conjugate gradient stays "
@@ -111,9 +111,10 @@ class Config:
     advantage: str = option("gae", "advantage estimator: 'gae' (GAE(lambda) with a learned value function) or "
                                    "'mc' (discounted return-to-go minus the value baseline, as TRPO Sec. 5.1)",
                             choices=["gae", "mc"])
-    normalize_advantages: bool = option(True, "shift and scale each batch's advantages to mean 0, std 1; the "
-                                              "mean acts as a baseline, the scale only matters to the line "
-                                              "search (the step is rescaled to the trust region)")
+    normalize_advantages: bool = option(True, "single path: shift and scale each batch's advantages to mean 0, "
+                                              "std 1; the mean acts as a baseline; the scale does not change the "
+                                              "step (it is rescaled to the trust region), only conjugate "
+                                              "gradient's stopping tolerance and the entropy bonus's weight")
     vf_lr: float = option(1e-3, "Adam learning rate of the value network")
     vf_epochs: int = option(5, "passes over the batch when fitting the value network each iteration")
     vf_minibatch: int = option(256, "minibatch size of the value-network fit")
@@ -1028,11 +1029,12 @@ def train_iteration(state, sampler):
 def predicted_return_change(surrogate_change, steps, episodes, max_kl_state, largest_advantage, gamma):
     """What a step predicts for the episode return, and what TRPO's Theorem 1 says of the prediction.
 
-    The performance-difference identity (Kakade & Langford 2002) gives
-    eta(pi_new) - eta(pi_old) = E_{tau ~ pi_new}[ sum_t A_old(s_t, a_t) ]. The surrogate
-    (Eq. 14) takes the states from pi_old instead, so the step predicts a change of the
-    episode return of (mean episode length) x L(theta_new) - L(theta_old), with raw
-    advantages. Theorem 1 bounds the cost of swapping the states: eta(pi_new) >=
+    The performance-difference identity (Kakade & Langford 2002; TRPO Eq. 1) gives
+    eta(pi_new) - eta(pi_old) = E_{tau ~ pi_new}[ sum_t gamma^t A_old(s_t, a_t) ]. The surrogate
+    (Eq. 14) takes the states from pi_old instead, and this estimate also drops gamma^t
+    (close to 1 over an episode when gamma = 0.999, not when gamma = 0.99), so the step
+    predicts a change of the episode return of (mean episode length) x (L(theta_new) -
+    L(theta_old)), with raw advantages: an approximation, to compare with what follows. Theorem 1 bounds the cost of swapping the states: eta(pi_new) >=
     L(pi_new) - C max_s KL(pi_old || pi_new), C = 4 eps gamma / (1 - gamma)^2, eps = max |A|.
     Returns (predicted change, C max_s KL): the penalty is usually far larger than any
     improvement, which is why the paper replaces it by the constraint KLbar <= delta.
@@ -1172,6 +1174,14 @@ def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
 # Command line
 # ----------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, or --out's
+    empty string, whose folder is made from the scheme and seed)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad option ends with one sentence on stderr and exit code 2, no usage dump."""
 
@@ -1195,7 +1205,7 @@ def build_parser(defaults=True):
 
     defaults=False leaves out every default: what remains is what the user typed."""
     parser = ArgumentParser(description="Trust Region Policy Optimization (Schulman et al. 2015) in plain NumPy.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                            formatter_class=HelpFormatter,
                             argument_default=None if defaults else argparse.SUPPRESS)
     training = parser.add_argument_group("training (paper symbols in parentheses)")
     for f in dataclasses.fields(Config):
