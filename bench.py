@@ -19,7 +19,8 @@ ceiling times the cores; the cost of one fork restore plus a branch, against pla
 env steps; and the final policy's greedy evaluation.
 
 It prints a Markdown table, writes it and a JSON file to bench_results/, and
-plots every seed's learning curve to plots/<scheme>_learning_curves.png.
+plots every seed's learning curve to plots/<scheme>_learning_curves.png (under --out
+instead, when --out is given).
 
 Usage:
   python bench.py --scheme single --seeds 0 1 2 3 4
@@ -38,6 +39,7 @@ import numpy as np
 from network import MLP
 
 SOLVED = 200.0
+DEFAULT_OUT = "bench_results"
 
 
 def raw_ceiling(env_id, steps=20_000, seed=0):
@@ -240,17 +242,19 @@ def main(argv=None):
     parser.add_argument("--total-steps", type=int, default=T.Config.total_steps,
                         help=f"env steps per single-path run (the vine runs at most {T.VINE_ITERATIONS} iterations)")
     parser.add_argument("--eval-episodes", type=int, default=100, help="evaluation episodes of each final policy")
-    parser.add_argument("--out", default="bench_results", help="folder for the table, JSON and run outputs")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the table, JSON and run outputs; with "
+                        "the default, the figures go to plots/ (the ones README.md shows), otherwise under --out too")
     parser.add_argument("--trust-region-demo", action="store_true",
                         help="instead: train the first seed with delta = 1 twice, with and without the line "
-                             "search, for 300,000 steps each, and plot both to plots/trust_region.png")
+                             "search, for 300,000 steps each, and plot both to trust_region.png (in plots/ by default)")
     args = parser.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
-    os.makedirs("plots", exist_ok=True)
+    plots = "plots" if args.out == DEFAULT_OUT else args.out
+    os.makedirs(plots, exist_ok=True)
     if args.trust_region_demo:
         trust_region_demo(args.seeds[0], 1.0, 300_000, os.path.join(args.out, "runs"),
-                          os.path.join("plots", "trust_region.png"))
+                          os.path.join(plots, "trust_region.png"))
         return
     results = []
     for seed in args.seeds:
@@ -269,7 +273,7 @@ def main(argv=None):
     with open(os.path.join(args.out, f"{args.scheme}.json"), "w") as f:
         config = T.scheme_config(args.scheme)
         json.dump({"command": command, "config": T.dataclasses.asdict(config), "results": results}, f, indent=1)
-    plot_curves(results, args.scheme, os.path.join("plots", f"{args.scheme}_learning_curves.png"))
+    plot_curves(results, args.scheme, os.path.join(plots, f"{args.scheme}_learning_curves.png"))
 
 
 if __name__ == "__main__":
