@@ -257,6 +257,7 @@ def main(argv=None):
                           os.path.join(plots, "trust_region.png"))
         return
     results = []
+    command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for seed in args.seeds:
         print(f"seed {seed}: training ...", file=sys.stderr, flush=True)
         results.append(bench_seed(args.scheme, seed, args.total_steps, args.eval_episodes,
@@ -264,16 +265,23 @@ def main(argv=None):
         r = results[-1]
         print(f"seed {seed}: 200 at {fmt(r['steps_to_200'], ',d')} steps, iteration "
               f"{fmt(r['iterations_to_200'], 'd')}, {fmt(r['seconds_to_200'], '.0f')} s", file=sys.stderr, flush=True)
+        # after every seed, so that a benchmark stopped early keeps the seeds it finished
+        write_results(results, args, command, plots)
+    print(write_results(results, args, command, plots))
 
+
+def write_results(results, args, command, plots):
+    """The table (returned, and written with the JSON to args.out) and the learning-curve figure."""
     table = single_table(results, args.eval_episodes) if args.scheme == "single" else vine_table(results)
-    command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(table)
+    done = [r["seed"] for r in results]
     with open(os.path.join(args.out, f"{args.scheme}.md"), "w") as f:
-        f.write(f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores.\n\n{table}\n")
+        f.write(f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores"
+                f"{'' if done == list(args.seeds) else f' (seeds finished so far: {done})'}.\n\n{table}\n")
     with open(os.path.join(args.out, f"{args.scheme}.json"), "w") as f:
         config = T.scheme_config(args.scheme)
         json.dump({"command": command, "config": T.dataclasses.asdict(config), "results": results}, f, indent=1)
     plot_curves(results, args.scheme, os.path.join(plots, f"{args.scheme}_learning_curves.png"))
+    return table
 
 
 if __name__ == "__main__":

@@ -708,19 +708,20 @@ def maximal_step(x, x_F_x, max_kl):
     return np.sqrt(2 * max_kl / x_F_x) * x
 
 
-def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_backtracks):
+def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_backtracks, min_improvement=0.0):
     """Backtracking line search on the nonlinear problem (Appendix C).
 
     `evaluate(theta)` returns (L(theta) - L(theta_old), KLbar(theta_old, theta)). Try
     theta_old + alpha^k * full_step for k = 0, 1, ...; accept the first step whose mean
-    KL is at most delta (never above: no slack) and whose surrogate improves.
-    Returns (success, theta, improvement, kl, backtracks). On failure theta is
-    theta_old itself, not the last rejected try.
+    KL is at most delta (never above: no slack) and whose surrogate improves by more
+    than min_improvement (the size of rounding noise: a smaller "improvement" is no
+    evidence that the step is better). Returns (success, theta, improvement, kl,
+    backtracks). On failure theta is theta_old itself, not the last rejected try.
     """
     for k in range(max_backtracks):
         theta = theta_old + backtrack_coeff ** k * full_step
         improvement, kl_reached = evaluate(theta)
-        if kl_reached <= max_kl and improvement > 0:
+        if kl_reached <= max_kl and improvement > min_improvement:
             return True, theta, improvement, kl_reached, k
     return False, theta_old, 0.0, 0.0, max_backtracks
 
@@ -776,8 +777,11 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         logits = net.forward(theta, states)[0]
         return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits)
     if cfg.trust_region:
+        # L is a mean of terms of L_old's size: differences below 1e-10 of it are rounding, which a
+        # gradient that is really zero (every action equally good) would otherwise "improve" on.
         ok, theta_new, improvement, kl_reached, backtracks = line_search(
-            evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks)
+            evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks,
+            min_improvement=1e-10 * max(1.0, abs(L_old)))
     else:  # --no-trust-region: the natural-gradient step of the same size, taken whatever it does
         ok, theta_new, backtracks = True, theta_old + full_step, 0
         improvement, kl_reached = evaluate(theta_new)
