@@ -502,6 +502,14 @@ def run_cli(*args, cwd=HERE):
     (["--total-steps", "0"], "--total-steps must be positive"),
     (["--num-envs", "2.5"], "not an integer"),
     (["--gamma", "1.5"], "--gamma"),
+    (["--seed", "-1"], "--seed must be zero or positive"),
+    (["--max-kl", "inf"], "--max-kl must be a finite number"),
+    (["--damping", "inf"], "--damping must be a finite number"),
+    (["--vf-lr", "inf"], "--vf-lr must be a finite number"),
+    (["--entropy-coef", "nan"], "--entropy-coef must be a finite number"),
+    (["--scheme", "vine", "--vine-actions", "1"], "--vine-actions 1 cannot learn"),
+    (["--hidden", "100000"], "--hidden 100000 is wider"),
+    (["--num-envs", "100000"], "--num-envs 100,000 environments"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
     result = run_cli("--total-steps", "64", "--out", str(tmp_path / "x"), *args)  # the last value given wins

@@ -74,6 +74,8 @@ SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 SCHEME_DEFAULTS = {"single": {},
                    "vine": {"num_envs": 32, "steps_per_env": 256, "max_kl": 0.05, "fisher_subsample": 1}}
 VINE_ITERATIONS = 150
+MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider ones exhaust memory
+MAX_ENVS = 1024  # environments side by side; each holds its own simulator
 
 
 @dataclass
@@ -171,6 +173,22 @@ class Config:
             raise UserError(f"--vine-actions must be 0 (all actions) or positive, got {self.vine_actions}.")
         if not self.hidden or any(n < 1 for n in self.hidden):
             raise UserError(f"--hidden needs one or more positive layer sizes, got {list(self.hidden)}.")
+        for name in ("max_kl", "damping", "vf_lr", "entropy_coef", "stop_return"):
+            value = getattr(self, name)
+            if value is not None and not np.isfinite(value):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+        if self.seed < 0:
+            raise UserError(f"--seed must be zero or positive, got {self.seed}.")
+        if self.vine_actions == 1:
+            raise UserError("--vine-actions 1 cannot learn: with one sampled action the self-normalised "
+                            "estimate of Eq. (16) is that action's Q whatever theta is, so its gradient is zero; "
+                            "use 2 or more, or 0 for all actions.")
+        if max(self.hidden) > MAX_LAYER_SIZE:
+            raise UserError(f"--hidden {max(self.hidden)} is wider than this NumPy implementation can hold in "
+                            f"memory at a useful speed; use at most {MAX_LAYER_SIZE}.")
+        if self.num_envs > MAX_ENVS:
+            raise UserError(f"--num-envs {self.num_envs:,} environments would take minutes and gigabytes to "
+                            f"build; use at most {MAX_ENVS} (and --steps-per-env for a larger batch).")
 
 
 def scheme_config(scheme="single", **given):
