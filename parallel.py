@@ -17,6 +17,7 @@ What is not here: sampling, the algorithm, files on disk (see trpo_numpy.py and
 run_files.py).
 """
 
+import contextlib
 import ctypes
 import os
 import pickle
@@ -59,6 +60,26 @@ def stop_on_sigterm():
     signal.signal(signal.SIGTERM, interrupt)
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def ignore_stop_signals():
+    """From now on Ctrl-C and SIGTERM do nothing (the program is already stopping)."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM while the block runs (the final save, a fork, starting a worker); one
+    that arrives meanwhile is delivered as the block ends."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 # ----------------------------------------------------------------------------
 # Spawned workers that each own an object
 # ----------------------------------------------------------------------------
@@ -72,6 +93,7 @@ def _worker_main(connection, make_object, args):
     with the method's result, until the main process closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stopped mid-call: still run the cleanup below
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while this process started
     owned = make_object(*args)
     try:
         while True:
@@ -102,7 +124,8 @@ class WorkerProcesses:
         for args in args_per_worker:
             parent, child = context.Pipe()
             process = context.Process(target=_worker_main, args=(child, make_object, args), daemon=True)
-            process.start()
+            with signals_held():  # the new process inherits the held signals: a Ctrl-C now is the main's
+                process.start()
             child.close()  # the worker holds that end now; if it dies, recv() here sees EOF, not a hang
             self.connections.append(parent)
             self.processes.append(process)

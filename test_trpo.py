@@ -601,6 +601,30 @@ def test_resumed_run_keeps_the_saved_weights(tmp_path):
     assert np.array_equal(theta_again, theta) and len(history) == 2
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "4",
+         "--steps-per-env", "64", "--hidden", "16", "16", "--workers", "1", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "progress.csv").exists() or \
+            len((out / "progress.csv").read_text().splitlines()) < 4:
+        time.sleep(0.05)
+    while process.poll() is None and time.time() < deadline:  # Ctrl-C, again and again, until it has stopped
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.03)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "one moment" in stderr and f"--resume {out / 'checkpoint.npz'}" in stderr
+    saved, _ = T.read_checkpoint(str(out / "checkpoint.npz"))
+    assert saved["iteration"] >= 3 and (out / "policy.npz").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
 def processes_in_session(session_id):
     """Linux: pids of the live processes whose session is session_id (a child started in a new session).
 

@@ -1122,14 +1122,19 @@ def train(cfg, verbose=True, resume=None):
                 line = run_files.format_log_line(row)
                 tqdm.write(line + (f" | step skipped: {row['skipped']}" if row["skipped"] else ""))
     finally:
-        # Whatever stopped the loop (the end, Ctrl-C, an error), keep what the finished iterations made.
-        bar.close()
-        progress.close()
-        sampler.close()
-        state.save_checkpoint(checkpoint_path, snapshot)
-        run_files.save_policy(os.path.join(out_dir, "policy.npz"), policy_net.sizes, snapshot["theta"], cfg.env)
-        if state.history:
-            run_files.save_plots(state.history, out_dir, cfg.env, cfg.seed, SCHEME_NAMES[cfg.scheme], cfg.max_kl)
+        # Whatever stopped the loop (the end, Ctrl-C, an error), keep what the finished iterations made;
+        # a second Ctrl-C waits until that is written.
+        with parallel.signals_held():
+            bar.close()
+            if sys.exc_info()[0] is KeyboardInterrupt:
+                print("\nstopping: saving the last finished iteration, one moment ...", file=sys.stderr)
+            progress.close()
+            sampler.close()
+            state.save_checkpoint(checkpoint_path, snapshot)
+            run_files.save_policy(os.path.join(out_dir, "policy.npz"), policy_net.sizes, snapshot["theta"], cfg.env)
+            if state.history:
+                run_files.save_plots(state.history, out_dir, cfg.env, cfg.seed, SCHEME_NAMES[cfg.scheme],
+                                     cfg.max_kl)
     return policy_net, state.theta, state.history
 
 
@@ -1290,10 +1295,14 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if cfg is None:
+        parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
+        checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz") if cfg else None
+        if checkpoint is None or not os.path.exists(checkpoint):
+            print("\nstopped before training began; nothing was saved.", file=sys.stderr)
             return 130
-        checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz")
-        print(f"\nstopped: checkpoint, progress.csv, policy and plots are in {cfg.out_dir()}\n"
+        saved = [name for name in ("checkpoint.npz", "progress.csv", "policy.npz", "learning_curve.png")
+                 if os.path.exists(os.path.join(cfg.out_dir(), name))]
+        print(f"stopped: {', '.join(saved)} are in {cfg.out_dir()}\n"
               f"continue with:  python trpo_numpy.py --resume {checkpoint}", file=sys.stderr)
         return 130
     print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
