@@ -30,6 +30,7 @@ Usage:
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -88,6 +89,8 @@ def first_crossing(history, threshold=SOLVED):
 def bench_seed(scheme, seed, total_steps, eval_episodes, out_root):
     ceiling = raw_ceiling(T.Config.env, seed=seed)
     out = os.path.join(out_root, f"{scheme}-seed{seed}")
+    if os.path.isdir(out):  # the previous benchmark's run of this seed: the benchmark's own scratch space
+        shutil.rmtree(out)
     if scheme == "vine":  # its defaults: at most T.VINE_ITERATIONS iterations, stopping once solved (200)
         cfg = T.scheme_config(scheme, seed=seed, out=out)
     else:

@@ -239,6 +239,14 @@ def command_list(args):
 def command_make(args):
     exercise = BY_NAME[args.name]
     target = args.into or f"exercise-{exercise.name}"
+    if os.path.exists(target) and not os.path.isdir(target):
+        print(f"error: '{target}' is a file, not a folder; give --into a folder.", file=sys.stderr)
+        return 2
+    if os.path.exists(os.path.join(target, exercise.file)) and not args.force:
+        print(f"error: '{target}' holds a copy already, maybe with your work in it; check it with "
+              f"'python exercise.py check {exercise.name} --from {target}', or start over with --force "
+              f"(which replaces it).", file=sys.stderr)
+        return 2
     copy_project(HERE, target, exercise, blank_body(exercise))
     print(f"wrote {target}/: {exercise.file} has {exercise.function} to fill in (see EXERCISES.md).\n"
           f"check it with:  python exercise.py check {exercise.name} --from {target}")
@@ -293,6 +301,8 @@ def main(argv=None):
     make = commands.add_parser("make", help="write a copy of the project with one function blanked")
     make.add_argument("name", choices=list(BY_NAME))
     make.add_argument("--into", help="folder for the copy (default exercise-NAME)")
+    make.add_argument("--force", action="store_true",
+                      help="replace a copy that is there already (the work in it is lost)")
     check = commands.add_parser("check", help="run an exercise's tests on a student's copy")
     check.add_argument("name", choices=list(BY_NAME))
     check.add_argument("--from", dest="source", help="the student's folder (default exercise-NAME)")

@@ -3,8 +3,9 @@
 What is here, none of it about TRPO (it is given plain arrays, dicts and strings, and
 imports nothing from trpo_numpy.py):
 
-* the output folder: `prepare_out_dir` (writable before training starts),
-  `check_folder_is_ours` (a resumed run never writes over another run's files);
+* the output folder: `prepare_out_dir` (writable before training starts), `unused_folder`,
+  `check_folder_is_free` and `check_folder_is_ours` (a run never writes over another run's
+  files), `lock_folder` (nor two runs into one folder at once);
 * `config.json` and `progress.csv` (one row per iteration, columns PROGRESS_COLUMNS),
   and `format_log_line`, the same row as the line printed per iteration;
 * `policy.npz` (the weights and their architecture, for --eval) and `checkpoint.npz`
@@ -50,6 +51,43 @@ def prepare_out_dir(path):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to output folder '{path}': {e.strerror or e}.") from None
+
+
+def holds_a_run(path):
+    """Whether the folder holds a run's files (its config.json or checkpoint.npz)."""
+    return any(os.path.exists(os.path.join(path, name)) for name in ("config.json", "checkpoint.npz"))
+
+
+def unused_folder(path):
+    """path if it holds no run, else the first of path-2, path-3, ... that holds none (as
+    Stable-Baselines3 numbers PPO_1, PPO_2): a new run never lands on an old one."""
+    candidate, number = path, 1
+    while holds_a_run(candidate):
+        number += 1
+        candidate = f"{path}-{number}"
+    return candidate
+
+
+def check_folder_is_free(out_dir):
+    """A new run writes into an empty folder, or one that holds no run: never over another run's files."""
+    if holds_a_run(out_dir):
+        raise UserError(f"'{out_dir}' holds a run already; continue it with --resume "
+                        f"{os.path.join(out_dir, 'checkpoint.npz')}, or give another --out.")
+
+
+def lock_folder(out_dir):
+    """Hold the folder for this run until the process ends: a second run into it is refused while
+    this one lives (the operating system drops the lock of a process that was killed).
+    Returns the open lock file; closing it lets the folder go."""
+    import fcntl
+    lock = open(os.path.join(out_dir, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"'{out_dir}' is in use by a run that is still going; wait for it, or give "
+                        f"another --out.") from None
+    return lock
 
 
 def new_run_id(seed):
@@ -115,13 +153,19 @@ def write_npz_atomically(path, **arrays):
     """np.savez to a temporary file, flushed to disk, then renamed over `path`.
 
     A rename is atomic: a crash at any moment leaves either the old file or the new
-    one, never half of one."""
+    one, never half of one. A failed write (a full disk) is a UserError, and removes
+    the temporary file."""
     temporary = path + ".tmp"
-    with open(temporary, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as e:  # a full disk, say: keep the last good file, leave no half-written one
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise UserError(f"cannot write '{path}': {e.strerror or e}; the last good copy, if any, is kept.") from None
 
 
 def save_policy(path, sizes, theta, env_id):

@@ -527,6 +527,51 @@ def test_unwritable_output_folder_is_reported(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+TINY_RUN = ["--env", "CartPole-v1", "--total-steps", "64", "--num-envs", "2", "--steps-per-env", "32",
+            "--hidden", "8", "--workers", "1"]
+
+
+def test_a_new_run_never_overwrites_another_run(tmp_path):
+    first = run_cli(*TINY_RUN, cwd=tmp_path)  # the default folder, twice: numbered
+    second = run_cli(*TINY_RUN, cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert sorted(os.listdir(tmp_path / "runs")) == ["single-seed0", "single-seed0-2"]
+    folder = tmp_path / "runs" / "single-seed0"
+    before = {name: (folder / name).read_bytes() for name in ("config.json", "progress.csv", "checkpoint.npz")}
+    third = run_cli(*TINY_RUN, "--scheme", "single", "--out", str(folder))  # an explicit --out: refused
+    assert third.returncode == 2 and "holds a run already" in third.stderr and "--resume" in third.stderr
+    assert "Traceback" not in third.stderr
+    assert {name: (folder / name).read_bytes() for name in before} == before
+
+
+def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path):
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    lock = run_files.lock_folder(str(folder))  # as a run that is still going holds it
+    refused = run_cli(*TINY_RUN, "--out", str(folder))
+    assert refused.returncode == 2 and "in use by a run that is still going" in refused.stderr
+    lock.close()  # that run ends (or is killed: the system lets go of its lock the same way)
+    assert run_cli(*TINY_RUN, "--out", str(folder)).returncode == 0
+
+
+def test_exercise_make_never_deletes_a_students_work(tmp_path):
+    def make(*args):
+        return subprocess.run([sys.executable, os.path.join(HERE, "exercise.py"), "make", "gae", *args],
+                              capture_output=True, text=True, timeout=60)
+    copy = tmp_path / "mine"
+    assert make("--into", str(copy)).returncode == 0
+    answer = copy / "trpo_numpy.py"
+    answer.write_text(answer.read_text() + "\n# my answer\n")
+    again = make("--into", str(copy))
+    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    assert answer.read_text().endswith("# my answer\n")
+    assert make("--into", str(copy), "--force").returncode == 0
+    assert not answer.read_text().endswith("# my answer\n")
+    (tmp_path / "a-file").write_text("")
+    into_a_file = make("--into", str(tmp_path / "a-file"))
+    assert into_a_file.returncode == 2 and "is a file" in into_a_file.stderr
+
+
 def test_help_explains_every_flag():
     text = run_cli("--help").stdout
     for f in __import__("dataclasses").fields(T.Config):
@@ -567,11 +612,12 @@ def test_checkpoint_write_is_atomic_under_a_crash(tmp_path, monkeypatch):
 
     def crash_half_way(f, **arrays):
         f.write(b"PK\x03\x04 half a zip file")
-        raise OSError("disk pulled out mid-save")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "savez", crash_half_way)
-    with pytest.raises(OSError):
+    with pytest.raises(run_files.UserError, match="cannot write .* No space left on device; the last good"):
         run_files.write_npz_atomically(path, format=run_files.CHECKPOINT_FORMAT, theta=np.zeros(5))
     monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint.npz"]  # no half-written temporary file left behind
     assert open(path, "rb").read() == before  # the last good checkpoint is untouched
     assert np.array_equal(np.load(path)["theta"], np.arange(5.0))
 

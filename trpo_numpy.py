@@ -143,8 +143,9 @@ class Config:
                                       "(e.g. 200, LunarLander's 'solved'); by default train for --total-steps "
                                       "(the vine: stops at the environment's reward threshold unless given)")
     save_every: int = option(10, "write <out>/checkpoint.npz every this many iterations (and always at the end)")
-    out: str = option("", "output folder for progress.csv, config.json, policy.npz and plots "
-                          "(default runs/<scheme>-seed<seed>)")
+    out: str = option("", "output folder for progress.csv, config.json, policy.npz and plots; a new run "
+                          "refuses a folder that holds another run (continue that with --resume). By default "
+                          "runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken")
 
     @property
     def batch_size(self):
@@ -1082,6 +1083,9 @@ def train(cfg, verbose=True, resume=None):
     cfg.validate()
     out_dir = cfg.out_dir()
     run_files.prepare_out_dir(out_dir)
+    folder_lock = run_files.lock_folder(out_dir)  # held until this process ends
+    if resume is None:
+        run_files.check_folder_is_free(out_dir)
     probe = make_env(cfg.env)  # fail here, in one sentence, before any worker starts
     obs_dim, num_actions = env_dims(probe)
     probe.close()
@@ -1135,6 +1139,7 @@ def train(cfg, verbose=True, resume=None):
             if state.history:
                 run_files.save_plots(state.history, out_dir, cfg.env, cfg.seed, SCHEME_NAMES[cfg.scheme],
                                      cfg.max_kl)
+            folder_lock.close()
     return policy_net, state.theta, state.history
 
 
@@ -1289,6 +1294,8 @@ def main(argv=None):
             resume = None
             given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
             cfg = scheme_config(**given)
+            if not cfg.out:  # the default folder: numbered, so that running again keeps the last run
+                cfg.out = run_files.unused_folder(cfg.out_dir())
         parallel.stop_on_sigterm()
         _, _, history = train(cfg, resume=resume)
     except UserError as e:
