@@ -137,7 +137,8 @@ def format_log_line(row):
     return (f"it {row['iteration']:4d} | steps {row['env_steps']:9,d} | return {row['rolling_return']:7.1f} "
             f"({row['episodes']} ep) | kl {row['kl']:.4f} | backtracks {row['backtracks']} | "
             f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
-            f"return change pred {row['predicted_return_change']:+.1f} real {row['return_change']:+.1f} | "
+            f"return change pred {row['predicted_return_change']:+.1f} real "
+            f"{'n/a' if np.isnan(row['return_change']) else format(row['return_change'], '+.1f')} | "
             f"max kl {row['max_kl_state']:.3f} | "
             f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
             f"{row['steps_per_s']:,.0f} steps/s"
@@ -226,9 +227,10 @@ def read_checkpoint(path):
 # Plots and the animation
 # ----------------------------------------------------------------------------
 
-def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl):
-    """learning_curve.png (rolling return vs env steps), diagnostics.png (KL, backtracks, entropy,
-    improvement ratio) and theory.png (predicted vs realised improvement, mean vs max KL)."""
+def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl, solved_at=None):
+    """learning_curve.png (rolling return vs env steps, with the return that counts as solved if
+    solved_at is given), diagnostics.png (KL, backtracks, entropy, improvement ratio) and
+    theory.png (predicted vs realised improvement, mean vs max KL)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -238,7 +240,8 @@ def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, col["rolling_return"], label=f"{scheme_name}, seed {seed}")
-    ax.axhline(200, color="gray", linestyle="--", label="solved (200)")
+    if solved_at is not None:
+        ax.axhline(solved_at, color="gray", linestyle="--", label=f"solved ({solved_at:g})")
     ax.set(xlabel="environment steps", ylabel="mean return of last 100 episodes", title=f"TRPO on {env_id}")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)

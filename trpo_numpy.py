@@ -1138,7 +1138,7 @@ def train(cfg, verbose=True, resume=None):
             run_files.save_policy(os.path.join(out_dir, "policy.npz"), policy_net.sizes, snapshot["theta"], cfg.env)
             if state.history:
                 run_files.save_plots(state.history, out_dir, cfg.env, cfg.seed, SCHEME_NAMES[cfg.scheme],
-                                     cfg.max_kl)
+                                     cfg.max_kl, solved_at=reward_threshold(cfg.env))
             folder_lock.close()
     return policy_net, state.theta, state.history
 
@@ -1190,13 +1190,18 @@ def load_policy(path, env_id=None):
 
 
 def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
-    """--eval: load a policy, report mean and std of the return and the share of episodes >= 200."""
+    """--eval: load a policy, report mean and std of the return and the share of episodes at or
+    above the environment's reward threshold (LunarLander: 200), where it has one."""
+    if gif_path is not None and (os.path.isdir(gif_path) or not gif_path.lower().endswith(".gif")):
+        raise UserError(f"--gif needs a file name ending in .gif, got '{gif_path}'.")
     net, theta, env_id = load_policy(path, env_id)
     returns = evaluate_policy(net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
                               gif_path=gif_path)
     mode = "greedy" if greedy else "sampled"
+    threshold = reward_threshold(env_id)
     print(f"{env_id}, {episodes} evaluation episodes ({mode} actions, seeds from {EVAL_SEED_BASE}): "
-          f"return {returns.mean():.1f} +- {returns.std():.1f}, {np.mean(returns >= 200):.0%} at or above 200")
+          f"return {returns.mean():.1f} +- {returns.std():.1f}"
+          + (f", {np.mean(returns >= threshold):.0%} at or above {threshold:g}" if threshold is not None else ""))
     if gif_path:
         print(f"animation of the first episode written to {gif_path}")
     return returns
@@ -1274,8 +1279,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     typed = vars(build_parser(defaults=False).parse_args(argv))  # only what the user gave
     config_fields = {f.name for f in dataclasses.fields(Config)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
     cfg = None
     try:
+        training_options = sorted(k for k in given if k != "env")
+        if args.eval and (training_options or args.resume):
+            option = f"--{training_options[0].replace('_', '-')}" if training_options else "--resume"
+            raise UserError(f"{option} is for training; with --eval only --env, --episodes, --greedy and --gif "
+                            f"apply (evaluation seeds start at {EVAL_SEED_BASE}).")
+        eval_options = [name for name in ("episodes", "greedy", "gif") if name in typed]
+        if eval_options and not args.eval:
+            raise UserError(f"--{eval_options[0]} goes with --eval FILE; training does not use it.")
         if args.eval:
             if args.episodes < 1:
                 raise UserError(f"--episodes must be positive, got {args.episodes}.")
@@ -1283,7 +1297,7 @@ def main(argv=None):
             return 0
         if args.resume:
             resume, cfg = read_checkpoint(args.resume)
-            fixed = sorted(k for k in typed if k in config_fields and k not in RESUMABLE_FLAGS)
+            fixed = sorted(k for k, v in given.items() if k not in RESUMABLE_FLAGS and v != getattr(cfg, k))
             if fixed:
                 raise UserError(f"--{fixed[0].replace('_', '-')} cannot change when resuming; "
                                 f"the run keeps its saved settings.")
@@ -1292,7 +1306,6 @@ def main(argv=None):
             cfg = dataclasses.replace(cfg, **overrides)
         else:
             resume = None
-            given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
             cfg = scheme_config(**given)
             if not cfg.out:  # the default folder: numbered, so that running again keeps the last run
                 cfg.out = run_files.unused_folder(cfg.out_dir())
@@ -1312,6 +1325,9 @@ def main(argv=None):
         print(f"stopped: {', '.join(saved)} are in {cfg.out_dir()}\n"
               f"continue with:  python trpo_numpy.py --resume {checkpoint}", file=sys.stderr)
         return 130
+    if solved(history, cfg.stop_return):
+        print(f"solved: the rolling return reached --stop-return {cfg.stop_return:g} at iteration "
+              f"{history[-1]['iteration']}.")
     print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
           f"outputs in {cfg.out_dir()}")
     return 0
