@@ -251,24 +251,6 @@ def test_line_search_never_accepts_kl_above_delta():
     assert not ok
 
 
-def test_the_trust_region_holds_over_the_kl_states_given(small_net, rng):
-    # The vine's surrogate lives on a few rollout states, its constraint on the whole trunk.
-    net, theta, _ = small_net
-    states, actions, logp_old, advantages = random_policy_batch(net, theta, rng, n=8)
-    trunk = np.concatenate([states, rng.standard_normal((300, net.sizes[0])) * 2])
-    cfg = T.Config(max_kl=0.02)
-
-    def surrogate_of_logits(logits):
-        return T.surrogate(logits, actions, logp_old, advantages)
-    new, info = T.trpo_step(net, theta, states, surrogate_of_logits, cfg, kl_states=trunk)
-    kl_trunk = T.mean_kl(net.forward(theta, trunk)[0], net.forward(new, trunk)[0])
-    assert info["accepted"] and np.isclose(info["kl"], kl_trunk, rtol=1e-12) and kl_trunk <= cfg.max_kl
-    assert np.isclose(info["max_kl"], np.max(kl(net.forward(theta, trunk)[0], net.forward(new, trunk)[0])))
-    own, own_info = T.trpo_step(net, theta, states, surrogate_of_logits, cfg)  # constraint on `states` only
-    assert np.isclose(own_info["kl"], T.mean_kl(net.forward(theta, states)[0], net.forward(own, states)[0]))
-    assert not np.array_equal(own, new)  # another constraint, another step
-
-
 def test_no_step_is_taken_when_every_action_is_equally_good(rng):
     # Eq. (15) with equal Q for every action: the true gradient is zero, the computed one rounding
     # noise; a line search that accepts any improvement > 0 takes a random step of KL up to delta.

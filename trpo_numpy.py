@@ -68,11 +68,11 @@ SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 # not given on the command line. Its trunk is the single path's batch, run longer per
 # environment (32 x 256 states: many finished episodes per iteration for the value fit and
 # the rolling return, at little cost next to the branches); its all-actions estimate has so
-# little noise that larger steps pay. Its surrogate lives on the few rollout states, but its
-# KL constraint and Fisher on the whole trunk (see trpo_step). Unless told otherwise, a vine run stops once solved (the environment's reward
+# little noise that larger steps pay; its Fisher is taken over the few rollout states, every
+# one of them. Unless told otherwise, a vine run stops once solved (the environment's reward
 # threshold, 200 for LunarLander) or after VINE_ITERATIONS iterations: a run a class can wait for.
 SCHEME_DEFAULTS = {"single": {},
-                   "vine": {"num_envs": 32, "steps_per_env": 256, "max_kl": 0.05}}
+                   "vine": {"num_envs": 32, "steps_per_env": 256, "max_kl": 0.05, "fisher_subsample": 1}}
 VINE_ITERATIONS = 150
 MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider ones exhaust memory
 MAX_ENVS = 1024  # environments side by side; each holds its own simulator
@@ -103,7 +103,7 @@ class Config:
                                  "well conditioned; raise it if steps often fail the line search")
     fisher_subsample: int = option(2, "use every k-th state of the batch in Fisher-vector products: k times "
                                       "cheaper conjugate gradient, a noisier F (baselines uses 5); the KL check "
-                                      "of the line search always uses every state (the vine's: every trunk state)")
+                                      "of the line search always uses every state (the vine: 1 unless given)")
     cg_iters: int = option(10, "conjugate-gradient iterations to solve F x = g (Appendix C); about 10 is enough")
     backtrack_coeff: float = option(0.8, "alpha, the line search shrinks the step by this factor each backtrack")
     max_backtracks: int = option(10, "line-search attempts before keeping theta_old")
@@ -745,15 +745,11 @@ def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_bac
     return False, theta_old, 0.0, 0.0, max_backtracks
 
 
-def trpo_step(net, theta_old, states, surrogate_of_logits, cfg, kl_states=None):
+def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     """One TRPO policy update (Algorithm 1, solved as in Appendix C). Shared by every sampling scheme.
 
     `surrogate_of_logits(logits)` returns (L, dL/dlogits) for the scheme's surrogate
-    on `states`. The constraint, KLbar over pi_old's state distribution (Eq. 12), and
-    its Hessian F are estimated on `kl_states` (by default `states` too): the vine's
-    surrogate lives on its N rollout states, but the trunk samples the same distribution
-    with far more states, so the trust region holds where the rollout set does not look.
-    In the code's symbols:
+    on `states`. In the code's symbols:
       1. g = dL/dtheta at theta_old (backprop of dL/dz)
       2. x = (F + lambda I)^-1 g by conjugate gradient, F the Fisher (= Hessian of KLbar) at
          theta_old, lambda the damping that keeps CG well conditioned
@@ -765,15 +761,10 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg, kl_states=None):
     the policy's logits at theta_new on `states`, for whoever needs them next.
     """
     logits_old, cache = net.forward(theta_old, states)
+    probs_old = softmax(logits_old)
     L_old, dL_dlogits = surrogate_of_logits(logits_old)
-    separate_kl_states = kl_states is not None
-    if separate_kl_states:
-        kl_logits_old, kl_cache = net.forward(theta_old, kl_states)
-    else:
-        kl_states, kl_logits_old, kl_cache = states, logits_old, cache
-    probs_old = softmax(kl_logits_old)
     info = {"kl": 0.0, "max_kl": 0.0, "backtracks": 0, "expected_improve": 0.0, "actual_improve": 0.0,
-            "accepted": False, "entropy": float(np.mean(entropy(kl_logits_old))), "logits_new": logits_old}
+            "accepted": False, "entropy": float(np.mean(entropy(logits_old))), "logits_new": logits_old}
 
     # 1. the policy gradient
     g = net.backward(theta_old, cache, dL_dlogits)
@@ -782,8 +773,8 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg, kl_states=None):
         return theta_old, info
 
     # 2. natural gradient direction x = (F + lambda I)^-1 g, F estimated on every k-th state
-    fisher_states = kl_states[::cfg.fisher_subsample]
-    fisher_cache = net.forward(theta_old, fisher_states)[1] if cfg.fisher_subsample > 1 else kl_cache
+    fisher_states = states[::cfg.fisher_subsample]
+    fisher_cache = net.forward(theta_old, fisher_states)[1] if cfg.fisher_subsample > 1 else cache
     fisher_probs = probs_old[::cfg.fisher_subsample]
 
     def Fvp(v):
@@ -801,12 +792,9 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg, kl_states=None):
     expected = g @ full_step
 
     # 5. backtracking line search on the true surrogate and KL
-    def kl_logits(theta, logits):
-        return net.forward(theta, kl_states)[0] if separate_kl_states else logits
-
     def evaluate(theta):
         logits = net.forward(theta, states)[0]
-        return surrogate_of_logits(logits)[0] - L_old, mean_kl(kl_logits_old, kl_logits(theta, logits))
+        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits)
     if cfg.trust_region:
         # L is a mean of terms of L_old's size: differences below 1e-10 of it are rounding, which a
         # gradient that is really zero (every action equally good) would otherwise "improve" on.
@@ -819,7 +807,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg, kl_states=None):
     info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
                 expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
     info["logits_new"] = net.forward(theta_new, states)[0]
-    info["max_kl"] = float(np.max(kl(kl_logits_old, kl_logits(theta_new, info["logits_new"]))))
+    info["max_kl"] = float(np.max(kl(logits_old, info["logits_new"])))
     if not ok:
         info["skipped"] = "line search failed, keeping old parameters"
     return theta_new, info
@@ -997,12 +985,11 @@ def train_iteration(state, sampler):
     if cfg.normalize_advantages:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
-    # 3.-6. the trust-region step on the scheme's surrogate; the vine's KL constraint over its whole trunk
-    trunk_states = batch["obs"].reshape(cfg.batch_size, -1)
-    fit_states, kl_states = trunk_states, None
+    # 3.-6. the trust-region step on the scheme's surrogate
+    fit_states = batch["obs"].reshape(cfg.batch_size, -1)
     if cfg.scheme == "vine":
         states, surrogate_of_logits, branch_values = vine_problem(batch)
-        fit_states, kl_states = np.concatenate([trunk_states, states]), trunk_states
+        fit_states = np.concatenate([fit_states, states])
         value_targets = np.concatenate([value_targets, branch_values])
         values = np.concatenate([values, value_fn.predict(states)])
     else:
@@ -1010,7 +997,7 @@ def train_iteration(state, sampler):
     theta_old = state.theta
     if cfg.entropy_coef:
         surrogate_of_logits = with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef)
-    state.theta, step = trpo_step(policy_net, theta_old, states, surrogate_of_logits, cfg, kl_states)
+    state.theta, step = trpo_step(policy_net, theta_old, states, surrogate_of_logits, cfg)
 
     # What the step predicted for the return, beside Theorem 1's penalty (see predicted_return_change)
     if cfg.scheme == "vine":
