@@ -238,7 +238,7 @@ def trust_region_demo(seed, max_kl, total_steps, out_root, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = T.ArgumentParser(description=__doc__.split("\n")[0],  # bad input: one sentence, exit code 2
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--scheme", default="single", choices=["single", "vine"], help="sampling scheme")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
@@ -251,6 +251,10 @@ def main(argv=None):
                         help="instead: train the first seed with delta = 1 twice, with and without the line "
                              "search, for 300,000 steps each, and plot both to trust_region.png (in plots/ by default)")
     args = parser.parse_args(argv)
+    if args.total_steps < 1 or args.eval_episodes < 1:
+        parser.error("--total-steps and --eval-episodes must be positive")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out '{args.out}' is a file, not a folder")
 
     os.makedirs(args.out, exist_ok=True)
     plots = "plots" if args.out == DEFAULT_OUT else args.out

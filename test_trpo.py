@@ -572,6 +572,16 @@ def test_exercise_make_never_deletes_a_students_work(tmp_path):
     assert into_a_file.returncode == 2 and "is a file" in into_a_file.stderr
 
 
+def test_bench_refuses_bad_input_in_one_sentence(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for args, words in ((["--total-steps", "0"], "must be positive"),
+                        (["--out", str(tmp_path / "a-file")], "is a file, not a folder")):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_help_explains_every_flag():
     text = run_cli("--help").stdout
     for f in __import__("dataclasses").fields(T.Config):
