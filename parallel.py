@@ -63,6 +63,10 @@ def stop_on_sigterm():
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
+class ProcessFailed(RuntimeError):
+    """A worker or forked child died, hung, or failed: its share of the work is lost."""
+
+
 def ignore_stop_signals():
     """From now on Ctrl-C and SIGTERM do nothing (the program is already stopping)."""
     for stop_signal in STOP_SIGNALS:
@@ -133,14 +137,24 @@ class WorkerProcesses:
     def call(self, method, args_per_worker):
         """owned.method(*args) in every worker, each with its own args, in parallel; the list of results."""
         self.busy = True
-        for connection, args in zip(self.connections, args_per_worker):
-            connection.send((method, args))
         try:
+            for connection, args in zip(self.connections, args_per_worker):
+                connection.send((method, args))
             results = [connection.recv() for connection in self.connections]
-        except (EOFError, OSError):
-            raise RuntimeError("a worker process died; see its error above") from None
+        except (EOFError, OSError):  # a pipe closed, or broken: its worker is gone
+            raise ProcessFailed(self._which_died()) from None
         self.busy = False
         return results
+
+    def _which_died(self):
+        """A sentence on the worker that died: killed by a signal, or failed with its error printed above."""
+        for process in self.processes:
+            process.join(timeout=1)
+            if process.exitcode is not None:
+                how = (f"was killed by signal {-process.exitcode}" if process.exitcode < 0 else
+                       f"failed with exit code {process.exitcode} (its error is printed above)")
+                return f"worker process {process.pid} {how}"
+        return "a worker process closed its pipe"
 
     def close(self):
         """Close the pipes (each idle worker then stops by itself); stop a worker interrupted in the
@@ -250,7 +264,7 @@ class ForkPool:
         ready, _, _ = select.select(list(self.running), [], [], self.timeout)
         if not ready:
             self.close()
-            raise RuntimeError(f"no branch process answered for {self.timeout:.0f} s; all were stopped")
+            raise ProcessFailed(f"no branch process answered for {self.timeout:.0f} s; all were stopped")
         for read_end in ready:
             pid, key, received = self.running[read_end]
             chunk = os.read(read_end, 1 << 16)
@@ -265,7 +279,7 @@ class ForkPool:
                 code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                 self.close()
                 how = f"was killed by signal {-code}" if code < 0 else f"failed with exit code {code}"
-                raise RuntimeError(f"branch process {pid} {how}; its result is lost, so the iteration is too")
+                raise ProcessFailed(f"branch process {pid} {how}; its result is lost, so the iteration is too")
             # Its exit (tearing down a copy of this process) takes a while: reap it later, not now.
             self.exiting.append(pid)
 

@@ -681,6 +681,28 @@ def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_worker_is_reported_with_the_resume_command(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "4",
+         "--steps-per-env", "64", "--hidden", "16", "16", "--workers", "2", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((out / "progress.csv").exists() and
+                                           len((out / "progress.csv").read_text().splitlines()) > 2):
+        time.sleep(0.05)
+    workers = [pid for pid in processes_in_session(process.pid)
+               if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]  # not the resource tracker
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr
+    assert f"worker process {workers[0]} was killed by signal 9" in stderr
+    assert f"--resume {out / 'checkpoint.npz'}" in stderr and (out / "checkpoint.npz").exists()
+
+
 def processes_in_session(session_id):
     """Linux: pids of the live processes whose session is session_id (a child started in a new session).
 

@@ -1314,6 +1314,11 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except parallel.ProcessFailed as e:
+        checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz")
+        print(f"error: {e}; training stopped." + (f" The last finished iteration is saved: continue with  "
+              f"python trpo_numpy.py --resume {checkpoint}" if os.path.exists(checkpoint) else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
         checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz") if cfg else None
