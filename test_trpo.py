@@ -657,19 +657,26 @@ def test_resumed_run_keeps_the_saved_weights(tmp_path):
     assert np.array_equal(theta_again, theta) and len(history) == 2
 
 
+def start_run(out, *args, iterations=3):
+    """A small CartPole training run in a new process (and session), returned once `iterations` are done."""
+    import time
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "4",
+         "--steps-per-env", "64", "--hidden", "16", "16", "--out", str(out), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    progress, deadline = out / "progress.csv", time.time() + 60
+    while time.time() < deadline and not (progress.exists() and len(progress.read_text().splitlines()) > iterations):
+        time.sleep(0.05)
+    return process
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
     import signal
     import time
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "4",
-         "--steps-per-env", "64", "--hidden", "16", "16", "--workers", "1", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not (out / "progress.csv").exists() or \
-            len((out / "progress.csv").read_text().splitlines()) < 4:
-        time.sleep(0.05)
+    process = start_run(out, "--workers", "1")
+    deadline = time.time() + 30
     while process.poll() is None and time.time() < deadline:  # Ctrl-C, again and again, until it has stopped
         process.send_signal(signal.SIGINT)
         time.sleep(0.03)
@@ -684,16 +691,8 @@ def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_worker_is_reported_with_the_resume_command(tmp_path):
     import signal
-    import time
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "4",
-         "--steps-per-env", "64", "--hidden", "16", "16", "--workers", "2", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not ((out / "progress.csv").exists() and
-                                           len((out / "progress.csv").read_text().splitlines()) > 2):
-        time.sleep(0.05)
+    process = start_run(out, "--workers", "2", iterations=2)
     workers = [pid for pid in processes_in_session(process.pid)
                if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]  # not the resource tracker
     os.kill(workers[0], signal.SIGKILL)
