@@ -688,6 +688,23 @@ def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+@pytest.mark.parametrize("delay", [0.2, 1.0])
+def test_ctrl_c_while_starting_names_only_files_that_exist(tmp_path, delay):
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(delay)  # while the workers start, or in the first iteration
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    if "nothing was saved" not in stderr:
+        named = stderr.split("stopped: ")[1].split(" are in ")[0].split(", ")
+        assert named and all((out / name).exists() for name in named), stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_worker_is_reported_with_the_resume_command(tmp_path):
     import signal
