@@ -11,7 +11,9 @@ imports nothing from trpo_numpy.py):
 * `ForkPool`: runs functions in forked copies of the calling process, at most a
   given number at a time, and collects their results. A fork copies the process
   exactly, simulator included: that is how the vine restores a simulator state.
-* `stop_on_sigterm`: SIGTERM stops a run the way Ctrl-C does.
+* `stop_on_sigterm`: SIGTERM stops a run the way Ctrl-C does; `signals_held` and
+  `ignore_stop_signals` keep a second Ctrl-C from cutting the final save short;
+  `ProcessFailed`: a worker or forked child died or hung.
 
 What is not here: sampling, the algorithm, files on disk (see trpo_numpy.py and
 run_files.py).
@@ -75,8 +77,9 @@ def ignore_stop_signals():
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold Ctrl-C and SIGTERM while the block runs (the final save, a fork, starting a worker); one
-    that arrives meanwhile is delivered as the block ends."""
+    """Hold Ctrl-C and SIGTERM while the block runs (the final save, starting a worker); one that
+    arrives meanwhile is delivered as the block ends. (ForkPool.submit holds them around fork itself,
+    and lets only the parent deliver them.)"""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -216,20 +219,19 @@ class ForkPool:
         # A Ctrl-C arriving during os.fork() is raised inside one of Python's at-fork hooks
         # (logging registers one), which swallow exceptions: the interrupt would be lost.
         # So signals wait, blocked, until fork has returned.
-        stop_signals = {signal.SIGINT, signal.SIGTERM}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = None
         try:
             pid = os.fork()
         finally:
             if pid != 0:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if pid == 0:  # the child: compute, send, and leave without running any of the parent's cleanup
             status = 1
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children itself
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 os.close(read_end)
                 with os.fdopen(write_end, "wb") as pipe:
                     pipe.write(pickle.dumps(function()))
