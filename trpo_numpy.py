@@ -411,7 +411,10 @@ class VineTrunk:
         self.spare = make_env(env_id)  # where states are rebuilt by replay
         self.pool = parallel.ForkPool(max_children=2) if restore != "replay" else None
         # replay a state whose episode has run fewer steps than this, fork from any other
-        self.replay_below = {"fork": 0, "replay": float("inf")}[restore] if restore != "auto" else self.steps_per_fork()
+        if restore == "auto":
+            self.replay_below = self.steps_per_fork()
+        else:
+            self.replay_below = 0 if restore == "fork" else float("inf")
 
     def steps_per_fork(self):
         """How many simulator steps cost as much as restoring a state by fork (measured here:
