@@ -36,6 +36,7 @@ import time
 
 import trpo_numpy as T  # first: it pins BLAS to one thread before NumPy loads
 import parallel
+import run_files
 import numpy as np
 from network import MLP
 
@@ -199,9 +200,11 @@ def plot_curves(results, scheme, path):
         steps, returns = zip(*r["curve"])
         ax.plot(steps, returns, label=f"seed {r['seed']}")
     ax.axhline(SOLVED, color="gray", linestyle="--", label="solved (200)")
-    ax.set(xlabel="environment steps" + (" (trunk)" if scheme == "vine" else ""),
-           ylabel="mean return of last 100 episodes",
+    ax.set(ylabel="mean return of last 100 episodes",
            title=f"TRPO ({T.SCHEME_NAMES[scheme]}) on LunarLander-v3, default settings")
+    run_files.steps_axis(ax)
+    if scheme == "vine":
+        ax.set_xlabel("environment steps (trunk)")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -226,10 +229,10 @@ def trust_region_demo(seed, max_kl, total_steps, out_root, path):
         print(f"{label}: final rolling return {history[-1]['rolling_return']:.1f}, "
               f"KL above delta in {sum(row['kl'] > max_kl for row in history)} of {len(history)} steps")
     right.axhline(max_kl, color="red", linestyle="--", label="delta")
-    left.set(xlabel="environment steps", ylabel="mean return of last 100 episodes",
-             title=f"seed {seed}, delta = {max_kl}")
-    right.set(xlabel="environment steps", ylabel="mean KL(pi_old || pi_new) of the step taken")
+    left.set(ylabel="mean return of last 100 episodes", title=f"seed {seed}, delta = {max_kl}")
+    right.set(ylabel="mean KL(pi_old || pi_new) of the step taken")
     for ax in (left, right):
+        run_files.steps_axis(ax)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -227,27 +227,48 @@ def read_checkpoint(path):
 # Plots and the animation
 # ----------------------------------------------------------------------------
 
-def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl, solved_at=None):
-    """learning_curve.png (rolling return vs env steps, with the return that counts as solved if
-    solved_at is given), diagnostics.png (KL, backtracks, entropy, improvement ratio) and
-    theory.png (predicted vs realised improvement, mean vs max KL)."""
+def steps_label(x, _position=None):
+    """A tick label for an environment-step count, short enough that labels never run together:
+    0, 500, 20k, 250k, 1.2M."""
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    if abs(x) >= 1e3:
+        return f"{x / 1e3:.3g}k"
+    return f"{x:.0f}"
+
+
+def steps_axis(ax):
+    """Label ax's x axis in environment steps with at most 6 ticks, each like 250k or 1.2M."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(steps_label))
+    ax.set_xlabel("environment steps")
+
+
+def plot_figures(history, env_id, seed, scheme_name, max_kl, solved_at=None):
+    """The three figures of a run, {file name: matplotlib figure}:
+
+    learning_curve.png: rolling return vs env steps, with the return that counts as solved if
+    solved_at is given; diagnostics.png: KL, backtracks, entropy, improvement ratio;
+    theory.png: predicted vs realised improvement, mean vs max KL."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     col = {k: np.array([row[k] for row in history], dtype=np.float64) for k in PROGRESS_COLUMNS}
     steps = col["env_steps"]
+    figures = {}
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, col["rolling_return"], label=f"{scheme_name}, seed {seed}")
     if solved_at is not None:
         ax.axhline(solved_at, color="gray", linestyle="--", label=f"solved ({solved_at:g})")
-    ax.set(xlabel="environment steps", ylabel="mean return of last 100 episodes", title=f"TRPO on {env_id}")
+    ax.set(ylabel="mean return of last 100 episodes", title=f"TRPO on {env_id}")
+    steps_axis(ax)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "learning_curve.png"), dpi=100)
-    plt.close(fig)
+    figures["learning_curve.png"] = fig
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
     axes[0, 0].plot(steps, col["kl"], label="KL reached")
@@ -257,22 +278,24 @@ def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl, solved_at=No
     axes[0, 1].plot(steps, col["backtracks"], ".")
     axes[0, 1].set(ylabel="line-search backtracks")
     axes[1, 0].plot(steps, col["entropy"])
-    axes[1, 0].set(ylabel="policy entropy (nats)", xlabel="environment steps")
+    axes[1, 0].set(ylabel="policy entropy (nats)")
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = col["actual_improve"] / col["expected_improve"]
     axes[1, 1].plot(steps, ratio, ".")
     axes[1, 1].axhline(1.0, color="gray", linestyle="--")
-    axes[1, 1].set(ylabel="actual / expected improvement", xlabel="environment steps")
+    axes[1, 1].set(ylabel="actual / expected improvement")
     for ax in axes.ravel():
+        steps_axis(ax)
         ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.set_xlabel("")  # the bottom row's label serves both rows
     fig.suptitle(f"TRPO diagnostics, {env_id}, seed {seed}")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "diagnostics.png"), dpi=100)
-    plt.close(fig)
+    figures["diagnostics.png"] = fig
 
     # theory.png: a step's predicted change of the return against the change that followed (the
     # next batch's), and the mean KL the constraint holds against the max KL Theorem 1 is about.
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     predicted, realised = col["predicted_return_change"][:-1], col["return_change"][1:]
     left.scatter(predicted, realised, s=10, alpha=0.6)
     finite = np.isfinite(predicted) & np.isfinite(realised)
@@ -287,14 +310,24 @@ def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl, solved_at=No
     right.semilogy(steps, col["kl"], label="mean KL over states (constrained)")
     right.semilogy(steps, col["max_kl_state"], label="max KL over states (Theorem 1)")
     right.axhline(max_kl, color="red", linestyle="--", label="delta")
-    right.set(xlabel="environment steps", ylabel="KL(pi_old || pi_new)",
+    right.set(ylabel="KL(pi_old || pi_new)",
               title=f"Theorem 1's penalty C max KL: median {np.nanmedian(col['theorem_penalty']):.3g}")
-    right.legend(loc="upper right", fontsize=8)
+    steps_axis(right)
+    # below the axes, where it cannot cover a curve
+    right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "theory.png"), dpi=100)
-    plt.close(fig)
+    figures["theory.png"] = fig
+    return figures
+
+
+def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl, solved_at=None):
+    """Write plot_figures' three PNGs into out_dir."""
+    import matplotlib.pyplot as plt
+    for name, fig in plot_figures(history, env_id, seed, scheme_name, max_kl, solved_at).items():
+        fig.savefig(os.path.join(out_dir, name), dpi=100)
+        plt.close(fig)
 
 
 def write_gif(path, frames, fps, every=2, max_width=300):

@@ -509,7 +509,8 @@ def run_cli(*args, cwd=HERE):
     (["--entropy-coef", "nan"], "--entropy-coef must be a finite number"),
     (["--scheme", "vine", "--vine-actions", "1"], "--vine-actions 1 cannot learn"),
     (["--hidden", "100000"], "--hidden 100000 is wider"),
-    (["--num-envs", "100000"], "--num-envs 100,000 environments"),
+    (["--num-envs", "100000"], "--num-envs 100,000 is more environments than the run's --total-steps 64"),
+    (["--total-steps", "100000000", "--num-envs", "5000"], "--num-envs 5,000 environments would take minutes"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
     result = run_cli("--total-steps", "64", "--out", str(tmp_path / "x"), *args)  # the last value given wins
@@ -1102,3 +1103,46 @@ def test_entropy_bonus_gradient_matches_finite_differences(small_net, rng):
     assert np.isclose(H, entropy(logits).mean(), rtol=1e-12)
     numeric = numerical_gradient(lambda th: T.entropy_bonus(net.forward(th, states)[0])[0], theta)
     assert relative_error(net.backward(theta, cache, dH), numeric) < 1e-6
+
+
+def a_long_run_history(iterations=140, batch=8192):
+    """progress.csv rows of a made-up 1.1M-step run: the x axis a long run's plots have."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(1, iterations + 1):
+        row = {name: float(rng.random()) for name in run_files.PROGRESS_COLUMNS}
+        row.update(iteration=i, env_steps=i * batch, kl=0.02 + 0.01 * rng.random(),
+                   max_kl_state=0.3 + 1.5 * rng.random(), theorem_penalty=1e5, rolling_return=i - 100.0)
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("iterations", [25, 140])  # 205k and 1.1M steps
+def test_plot_tick_labels_do_not_run_together_and_the_legend_covers_no_curve(iterations):
+    figures = run_files.plot_figures(a_long_run_history(iterations), "LunarLander-v3", 0, "vine", max_kl=0.05,
+                                     solved_at=200)
+    assert set(figures) == {"learning_curve.png", "diagnostics.png", "theory.png"}
+    for name, fig in figures.items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        labelled_axes = 0
+        for ax in fig.axes:
+            low, high = sorted(ax.get_xlim())
+            labels = [label for tick, label in zip(ax.get_xticks(), ax.get_xticklabels())
+                      if low <= tick <= high and label.get_visible() and label.get_text()]
+            boxes = sorted((label.get_window_extent(renderer) for label in labels), key=lambda box: box.x0)
+            labelled_axes += len(boxes) >= 3  # a shared x axis shows its labels on the bottom row only
+            for left, right in zip(boxes, boxes[1:]):
+                assert left.x1 + 2 < right.x0, f"{name}: '{left}' and '{right}' overlap"
+        assert labelled_axes >= 1, name
+    theory = figures["theory.png"]
+    kl_axes = theory.axes[1]
+    legend_box = kl_axes.get_legend().get_window_extent(theory.canvas.get_renderer())
+    for line in kl_axes.get_lines():
+        points = kl_axes.transData.transform(np.column_stack(line.get_data()).astype(float))
+        inside = [legend_box.contains(x, y) for x, y in points]
+        assert not any(inside), f"the legend covers the line '{line.get_label()}'"
+    assert run_files.steps_label(250_000) == "250k" and run_files.steps_label(1_200_000) == "1.2M"
+    import matplotlib.pyplot as plt
+    for fig in figures.values():
+        plt.close(fig)
