@@ -187,6 +187,9 @@ class Config:
         if max(self.hidden) > MAX_LAYER_SIZE:
             raise UserError(f"--hidden {max(self.hidden)} is wider than this NumPy implementation can hold in "
                             f"memory at a useful speed; use at most {MAX_LAYER_SIZE}.")
+        if self.num_envs > self.total_steps:
+            raise UserError(f"--num-envs {self.num_envs:,} is more environments than the run's --total-steps "
+                            f"{self.total_steps:,}: one step of each would already exceed it.")
         if self.num_envs > MAX_ENVS:
             raise UserError(f"--num-envs {self.num_envs:,} environments would take minutes and gigabytes to "
                             f"build; use at most {MAX_ENVS} (and --steps-per-env for a larger batch).")
