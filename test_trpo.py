@@ -923,6 +923,33 @@ def test_branch_rollout_discounts_and_bootstraps(rng):
     assert np.isclose(q_mc, (1 - g ** steps) / (1 - g), rtol=1e-12)
 
 
+@pytest.mark.parametrize("horizon", [6, 40])  # 40: CartPole falls first, so the branch terminates
+def test_branch_lambda_return_is_the_weighted_mean_of_n_step_returns(rng, horizon):
+    # lambda-return, GAE paper Sec. 5: (1 - lam) sum_n lam^(n-1) G^(n) + lam^(H-1) G^(H), where
+    # G^(n) = sum_{l<n} gamma^l r_l + gamma^n V(s_n), and V = 0 once the episode has terminated.
+    net = MLP([4, 8, 2])
+    theta = net.init(rng)
+    value_fn = T.ValueFunction(MLP([4, 8, 1]), rng, lr=1e-3)
+    value_fn.phi = rng.standard_normal(value_fn.net.num_params)  # a V that differs from state to state
+    gamma, lam = 0.9, 0.7
+    env = gym.make("CartPole-v1")
+    env.reset(seed=0)
+    q, steps = T.branch_rollout(env, 1, net, theta, np.zeros(horizon), gamma, value_fn, lam)  # u = 0: action 0
+    env.reset(seed=0)
+    rewards, values, terminated = [], [], False
+    for action in [1] + [0] * (steps - 1):
+        obs, reward, terminated, _, _ = env.step(action)
+        rewards.append(reward)
+        values.append(0.0 if terminated else value_fn.predict(obs[None])[0])
+    assert terminated == (steps < horizon)
+    n_step = [sum(gamma ** l * rewards[l] for l in range(n)) + gamma ** n * values[n - 1] for n in range(1, steps + 1)]
+    expected = (1 - lam) * sum(lam ** (n - 1) * n_step[n - 1] for n in range(1, steps)) + lam ** (steps - 1) * n_step[-1]
+    assert np.isclose(q, expected, rtol=1e-12)
+    env.reset(seed=0)
+    q_one, _ = T.branch_rollout(env, 1, net, theta, np.zeros(horizon), gamma, value_fn, lam=1.0)
+    assert np.isclose(q_one, n_step[-1], rtol=1e-12)  # lam = 1: the discounted return plus gamma^H V(s_H)
+
+
 def test_all_actions_gradient_matches_finite_differences(small_net, rng):
     net, theta, _ = small_net
     states = rng.standard_normal((7, 3))

@@ -109,7 +109,8 @@ class Config:
     max_backtracks: int = option(10, "line-search attempts before keeping theta_old")
     gamma: float = option(0.999, "gamma, the discount factor: LunarLander's +100 for coming to rest arrives at the "
                                  "end of episodes hundreds of steps long")
-    lam: float = option(0.97, "lambda of GAE(gamma, lambda) (GAE paper Eq. 16); 1 is Monte Carlo, 0 is TD(0)")
+    lam: float = option(0.97, "lambda of GAE(gamma, lambda) (GAE paper Eq. 16); 1 is Monte Carlo, 0 is TD(0); "
+                              "the vine's branches estimate Q by the same lambda-return")
     advantage: str = option("gae", "advantage estimator: 'gae' (GAE(lambda) with a learned value function) or "
                                    "'mc' (discounted return-to-go minus the value baseline, as TRPO Sec. 5.1)",
                             choices=["gae", "mc"])
@@ -126,8 +127,9 @@ class Config:
                                   "branches on K actions drawn from q (importance sampling, Eq. 16)")
     vine_proposal: str = option("uniform", "vine with K > 0: q, the distribution the K actions are drawn from",
                                 choices=["uniform", "pi_old"])
-    vine_bootstrap: bool = option(True, "vine: add gamma^H V(s_H) to a branch that has not ended "
-                                        "(--no-vine-bootstrap: the paper's pure Monte-Carlo Q)")
+    vine_bootstrap: bool = option(True, "vine: Q is the branch's lambda-return, which ends in gamma^H V(s_H) "
+                                        "if the branch has not ended (--no-vine-bootstrap: the paper's "
+                                        "Monte-Carlo Q, the discounted sum of the branch's rewards)")
     vine_restore: str = option("auto", "vine: how a trunk state is restored, all exact and giving the same run: "
                                        "'fork' copies the process (a few ms, however old the episode); 'replay' "
                                        "resets a spare env with the episode's seed and replays its actions (one "
@@ -359,31 +361,46 @@ class ParallelSampler:
 # 1b. Sampling: the vine scheme (TRPO Sec. 5.2)
 # ----------------------------------------------------------------------------
 
-def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None):
+def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None, lam=1.0):
     """One branch of the vine: from env's current state take `first_action`, then follow pi_theta.
 
     The branch runs H = len(uniforms) steps at most, the first action included; step l
     samples its action with uniforms[l], so branches given the same uniforms share
-    their random numbers. Returns (Q, steps), Q(s, a) = sum_l gamma^l r_l + gamma^H V(s_H):
-    the value bootstrap is added unless value_fn is None (the paper's pure Monte-Carlo
-    form) or the episode terminated; a time-limit truncation bootstraps like the horizon does.
+    their random numbers. Returns (Q, steps).
+
+    With value_fn None, Q is the paper's Monte-Carlo estimate sum_l gamma^l r_l. Otherwise
+    Q is the branch's lambda-return (GAE paper Sec. 5), computed backwards from G_H = V(s_H):
+        G_l = r_l + gamma * ((1 - lam) * V(s_{l+1}) + lam * G_{l+1}),   Q = G_0,
+    with V = 0 after a terminated step (a time-limit truncation bootstraps like the horizon).
+    lam = 1 gives sum_l gamma^l r_l + gamma^H V(s_H); a smaller lam trusts V more and the far,
+    noisy end of the branch less: where the branches of a state have drifted apart, their
+    distant rewards differ by chance, not because of the first action.
     """
     layers = net.unflatten(theta)  # split once: each step's policy pass is then three small products
     obs, reward, terminated, truncated, _ = env.step(int(first_action))
-    q, discount, steps = reward, gamma, 1
-    while steps < len(uniforms) and not (terminated or truncated):
+    rewards, observations = [reward], [obs]
+    while len(rewards) < len(uniforms) and not (terminated or truncated):
         h = np.asarray(obs, dtype=np.float64)  # (D,): one state, so vector-matrix products
         for W, b in layers[:-1]:
             h = np.tanh(h @ W + b)
         W, b = layers[-1]
-        action = int(sample((h @ W + b)[None], uniforms[steps:steps + 1])[0])
+        z = h @ W + b
+        # network.sample's rule for one state, without its batch shapes: the action is the number
+        # of entries of the (unnormalised) cumulative distribution below u times its total
+        cdf = np.cumsum(np.exp(z - z.max()))
+        action = int(np.count_nonzero(uniforms[len(rewards)] * cdf[-1] > cdf))
         obs, reward, terminated, truncated, _ = env.step(action)
-        q += discount * reward
-        discount *= gamma
-        steps += 1
-    if value_fn is not None and not terminated:
-        q += discount * value_fn.predict(np.asarray(obs, dtype=np.float64)[None])[0]
-    return q, steps
+        rewards.append(reward)
+        observations.append(obs)
+    if value_fn is None:
+        return float(np.sum(np.array(rewards) * gamma ** np.arange(len(rewards)))), len(rewards)
+    values = value_fn.predict(np.array(observations, dtype=np.float64))  # V(s_1), ..., V(s_H): one pass
+    if terminated:
+        values[-1] = 0.0  # no future after the episode's end
+    G = values[-1]
+    for reward, value in zip(reversed(rewards), reversed(values)):
+        G = reward + gamma * ((1 - lam) * value + lam * G)
+    return float(G), len(rewards)
 
 
 def replay(env, seed, actions):
@@ -430,7 +447,7 @@ class VineTrunk:
         seconds, fork_seconds = self.pool.fork_overhead(twenty_steps)
         return fork_seconds / (seconds / 20)
 
-    def sample(self, net, theta, steps, rollout, uniforms, draws, proposal, gamma, value_fn):
+    def sample(self, net, theta, steps, rollout, uniforms, draws, proposal, gamma, value_fn, lam):
         """The trunk batch of this worker's E environments, plus what the branches found.
 
         `rollout` (T, E) marks the rollout states; `uniforms` (T, E, H) holds each one's
@@ -459,10 +476,10 @@ class VineTrunk:
             for a in np.unique(actions):  # a repeated draw shares its branch: same action, same numbers
                 if len(trunk.episode_actions[e]) >= self.replay_below:
                     self.pool.submit((t, e, a), lambda a=a: branch_rollout(
-                        trunk.envs[e], a, net, theta, uniforms[t, e], gamma, value_fn))
+                        trunk.envs[e], a, net, theta, uniforms[t, e], gamma, value_fn, lam))
                 else:
                     env = replay(self.spare, trunk.episode_seed[e], trunk.episode_actions[e])
-                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[t, e], gamma, value_fn)
+                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[t, e], gamma, value_fn, lam)
 
         batch = self.trunk.sample(net, theta, steps, branch_points=rollout, branch=branch)
         if self.pool is not None:
@@ -485,7 +502,7 @@ class VineSampler:
 
     Each iteration: pick N of the trunk's T x E states at random (the rollout set); from
     each, once per action in the state's action set, take that action, then follow pi_old:
-    a branch of H steps in all, whose discounted return estimates Q(s_n, a). The action
+    a branch of H steps in all, whose lambda-return (branch_rollout) estimates Q(s_n, a). The action
     set is every action (the all-actions estimator, Eq. 15) or K draws from q (uniform, or
     pi_old), for the importance-sampling estimator of Eq. (16). All branches from one
     state share one stream of random numbers (common random numbers), so the differences
@@ -525,7 +542,7 @@ class VineSampler:
         started = time.perf_counter()
         parts = self.trunks.call("sample", [
             (net, theta, steps, rollout[:, part], uniforms[:, part], None if draws is None else draws[:, part],
-             cfg.vine_proposal, cfg.gamma, bootstrap) for part in self.parts])
+             cfg.vine_proposal, cfg.gamma, bootstrap, cfg.lam) for part in self.parts])
         seconds = time.perf_counter() - started
         batch = {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
         Q = batch.pop("Q")[rollout]  # (N, A), states in row-major (t, e) order
