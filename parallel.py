@@ -11,7 +11,8 @@ imports nothing from trpo_numpy.py):
 * `ForkPool`: runs functions in forked copies of the calling process, at most a
   given number at a time, and collects their results. A fork copies the process
   exactly, simulator included: that is how the vine restores a simulator state.
-* `stop_on_sigterm`: SIGTERM stops a run the way Ctrl-C does; `signals_held` and
+* `stop_on_signals`: Ctrl-C and SIGTERM stop a run, even if their KeyboardInterrupt is
+  lost in library code (`raise_if_stop_requested`); `signals_held` and
   `ignore_stop_signals` keep a second Ctrl-C from cutting the final save short;
   `ProcessFailed`: a worker or forked child died or hung.
 
@@ -54,15 +55,35 @@ def keep_freed_memory():
         pass
 
 
-def stop_on_sigterm():
-    """Treat SIGTERM (kill, a cluster's time limit) like Ctrl-C: raise KeyboardInterrupt."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_stop_requested = False  # set by a Ctrl-C or SIGTERM once stop_on_signals is in place
+
+
+def _note_stop(signum, frame):
+    global _stop_requested
+    _stop_requested = True
+
+
+def _stop(signum, frame):
+    _note_stop(signum, frame)
+    raise KeyboardInterrupt
+
+
+def stop_on_signals(interrupt=True):
+    """Ctrl-C and SIGTERM (kill, a cluster's time limit) stop a run: each raises KeyboardInterrupt,
+    and is remembered. Remembered because Python raises the interrupt in whatever code runs at that
+    moment, and some code discards the errors of what it calls (the initialisation of some compiled
+    modules, during an import): raise_if_stop_requested() then stops the run at its next check.
+    With interrupt=False they are only remembered: for the start of a program, still importing,
+    where an interrupt would end in a traceback."""
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _stop if interrupt else _note_stop)
+
+
+def raise_if_stop_requested():
+    """Raise KeyboardInterrupt if a Ctrl-C or SIGTERM came (see stop_on_signals), even one that was lost."""
+    if _stop_requested:
+        raise KeyboardInterrupt
 
 
 class ProcessFailed(RuntimeError):
@@ -79,12 +100,24 @@ def ignore_stop_signals():
 def signals_held():
     """Hold Ctrl-C and SIGTERM while the block runs (the final save, starting a worker); one that
     arrives meanwhile is delivered as the block ends. (ForkPool.submit holds them around fork itself,
-    and lets only the parent deliver them.)"""
+    and lets only the parent deliver them.)
+
+    Two holds, because either alone leaks: the signals are blocked, so a process started in the
+    block inherits them blocked (a Ctrl-C is the main process's to handle); and their Python
+    handlers are swapped for one that only notes them, because library code may unblock them in
+    the middle of the block (multiprocessing does, around starting its resource tracker)."""
+    noted = []
+    handlers = {stop_signal: signal.signal(stop_signal, lambda signum, frame: noted.append(signum))
+                for stop_signal in STOP_SIGNALS}
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a blocked one arrives now, and is noted
+        for stop_signal, handler in handlers.items():
+            signal.signal(stop_signal, handler)
+        if noted:
+            signal.raise_signal(noted[0])  # to the program's own handler, now that the block is done
 
 
 # ----------------------------------------------------------------------------
@@ -125,7 +158,11 @@ class WorkerProcesses:
 
     def __init__(self, make_object, args_per_worker):
         import multiprocessing
+        from multiprocessing import resource_tracker
         context = multiprocessing.get_context("spawn")
+        # Start multiprocessing's resource tracker now, not during the first process.start(): it
+        # unblocks SIGINT and SIGTERM after starting, and the workers must inherit them blocked.
+        resource_tracker.ensure_running()
         self.connections, self.processes = [], []
         self.busy = False  # a call was sent and its results are not all back
         for args in args_per_worker:

@@ -32,6 +32,8 @@ import parallel  # first: it pins BLAS to one thread before NumPy loads
 
 parallel.pin_blas_threads()
 parallel.keep_freed_memory()
+if __name__ == "__main__":
+    parallel.stop_on_signals(interrupt=False)  # a Ctrl-C during the imports below is noted; main acts on it
 
 import argparse
 import dataclasses
@@ -450,10 +452,10 @@ class VineTrunk:
     def sample(self, net, theta, steps, rollout, uniforms, draws, proposal, gamma, value_fn, lam):
         """The trunk batch of this worker's E environments, plus what the branches found.
 
-        `rollout` (T, E) marks the rollout states; `uniforms` (T, E, H) holds each one's
-        stream of random numbers, shared by all its branches. `draws` (T, E, K) holds the
-        uniforms that draw K actions from q (`proposal`: "uniform" or "pi_old"), or is None
-        to branch on every action. Adds to the batch, per state: Q (T, E, A), NaN for actions
+        `rollout` (T, E) marks the rollout states. Row i of `uniforms` (n, H) is the stream of
+        random numbers of the i-th of them in row-major (t, e) order, shared by all its branches;
+        row i of `draws` (n, K) holds the uniforms that draw its K actions from q (`proposal`:
+        "uniform" or "pi_old"); draws is None to branch on every action. Adds to the batch, per state: Q (T, E, A), NaN for actions
         not branched on; action_sets (T, E, K); q_drawn (T, E, K), q of each drawn action;
         branch_steps (T, E).
         """
@@ -464,22 +466,24 @@ class VineTrunk:
         q_drawn = np.ones((steps, rollout.shape[1], K))
         branch_steps = np.zeros(rollout.shape, dtype=np.int64)
         results = {}  # (t, e, a) -> (Q, branch steps)
+        row = np.cumsum(rollout.ravel()).reshape(rollout.shape) - 1  # (t, e) -> its row of uniforms and draws
 
         def branch(t, e, trunk):
             if draws is None:
                 actions = np.arange(A)  # all actions: Eq. (15)
             else:  # K draws from q: Eq. (16)
                 q_logits = trunk.last_logits[e] if proposal == "pi_old" else np.zeros(A)
-                actions = sample(np.tile(q_logits, (K, 1)), draws[t, e])
+                actions = sample(np.tile(q_logits, (K, 1)), draws[row[t, e]])
                 q_drawn[t, e] = softmax(q_logits[None])[0, actions]
             action_sets[t, e] = actions
             for a in np.unique(actions):  # a repeated draw shares its branch: same action, same numbers
                 if len(trunk.episode_actions[e]) >= self.replay_below:
                     self.pool.submit((t, e, a), lambda a=a: branch_rollout(
-                        trunk.envs[e], a, net, theta, uniforms[t, e], gamma, value_fn, lam))
+                        trunk.envs[e], a, net, theta, uniforms[row[t, e]], gamma, value_fn, lam))
                 else:
                     env = replay(self.spare, trunk.episode_seed[e], trunk.episode_actions[e])
-                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[t, e], gamma, value_fn, lam)
+                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[row[t, e]], gamma, value_fn,
+                                                        lam)
 
         batch = self.trunk.sample(net, theta, steps, branch_points=rollout, branch=branch)
         if self.pool is not None:
@@ -532,17 +536,17 @@ class VineSampler:
         N = min(cfg.vine_states, steps * E)
         rollout = np.zeros((steps, E), dtype=bool)
         rollout.flat[self.rng.choice(steps * E, size=N, replace=False)] = True
-        uniforms = np.zeros((steps, E, cfg.vine_horizon))
-        uniforms[rollout] = self.rng.random((N, cfg.vine_horizon))  # one stream per state, for all its branches
-        draws = None
-        if cfg.vine_actions:
-            draws = np.zeros((steps, E, cfg.vine_actions))
-            draws[rollout] = self.rng.random((N, cfg.vine_actions))
+        # one row per rollout state, in row-major (t, e) order: a stream shared by all its branches
+        uniforms = self.rng.random((N, cfg.vine_horizon))
+        draws = self.rng.random((N, cfg.vine_actions)) if cfg.vine_actions else None
+        row = np.zeros((steps, E), dtype=np.int64)
+        row[rollout] = np.arange(N)
+        rows = [row[:, part][rollout[:, part]] for part in self.parts]  # each worker's states, in its own order
         bootstrap = self.value_fn if cfg.vine_bootstrap else None
         started = time.perf_counter()
         parts = self.trunks.call("sample", [
-            (net, theta, steps, rollout[:, part], uniforms[:, part], None if draws is None else draws[:, part],
-             cfg.vine_proposal, cfg.gamma, bootstrap, cfg.lam) for part in self.parts])
+            (net, theta, steps, rollout[:, part], uniforms[r], None if draws is None else draws[r],
+             cfg.vine_proposal, cfg.gamma, bootstrap, cfg.lam) for part, r in zip(self.parts, rows)])
         seconds = time.perf_counter() - started
         batch = {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
         Q = batch.pop("Q")[rollout]  # (N, A), states in row-major (t, e) order
@@ -1135,6 +1139,7 @@ def train(cfg, verbose=True, resume=None):
                disable=not verbose, file=sys.stderr)
     try:
         while state.env_steps < cfg.total_steps and not solved(state.history, cfg.stop_return):
+            parallel.raise_if_stop_requested()
             state.iteration += 1
             row = train_iteration(state, sampler)
             state.wall_s = row["wall_s"] = time.perf_counter() - start
@@ -1332,7 +1337,8 @@ def main(argv=None):
             cfg = scheme_config(**given)
             if not cfg.out:  # the default folder: numbered, so that running again keeps the last run
                 cfg.out = run_files.unused_folder(cfg.out_dir())
-        parallel.stop_on_sigterm()
+        parallel.stop_on_signals()
+        parallel.raise_if_stop_requested()  # a Ctrl-C that came, and was lost, while Python was importing
         _, _, history = train(cfg, resume=resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
