@@ -107,17 +107,19 @@ def signals_held():
     handlers are swapped for one that only notes them, because library code may unblock them in
     the middle of the block (multiprocessing does, around starting its resource tracker)."""
     noted = []
-    handlers = {stop_signal: signal.signal(stop_signal, lambda signum, frame: noted.append(signum))
-                for stop_signal in STOP_SIGNALS}
+    handlers = {}
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+        for stop_signal in STOP_SIGNALS:
+            handlers[stop_signal] = signal.signal(stop_signal, lambda signum, frame: noted.append(signum))
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a blocked one arrives now, and is noted
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # again: the block may have unblocked them
         for stop_signal, handler in handlers.items():
             signal.signal(stop_signal, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one still pending goes to its own handler
         if noted:
-            signal.raise_signal(noted[0])  # to the program's own handler, now that the block is done
+            signal.raise_signal(noted[0])  # one noted in the block, to the program's handler, now it is done
 
 
 # ----------------------------------------------------------------------------

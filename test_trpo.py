@@ -509,7 +509,7 @@ def run_cli(*args, cwd=HERE):
     (["--entropy-coef", "nan"], "--entropy-coef must be a finite number"),
     (["--scheme", "vine", "--vine-actions", "1"], "--vine-actions 1 cannot learn"),
     (["--hidden", "100000"], "--hidden 100000 is wider"),
-    (["--num-envs", "100000"], "--num-envs 100,000 is more environments than the run's --total-steps 64"),
+    (["--num-envs", "100000"], "--num-envs 100,000 is more environments than --total-steps 64"),
     (["--total-steps", "100000000", "--num-envs", "5000"], "--num-envs 5,000 environments would take minutes"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
@@ -672,7 +672,7 @@ def start_run(out, *args, iterations=3):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
-def test_held_signals_stay_held_when_library_code_unblocks_them():
+def test_a_signal_in_a_held_block_waits_for_its_end_even_if_library_code_unblocks_it():
     import signal
     ran = []
     with pytest.raises(KeyboardInterrupt):
@@ -687,6 +687,7 @@ def test_held_signals_stay_held_when_library_code_unblocks_them():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_a_ctrl_c_lost_in_library_code_still_stops_the_run():
     script = """if True:
         import os, signal, parallel
@@ -706,6 +707,7 @@ def test_a_ctrl_c_lost_in_library_code_still_stops_the_run():
     assert result.stdout.split() == ["swallowed", "stopped"], result.stdout + result.stderr
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
     import signal
     import time
@@ -838,6 +840,22 @@ def test_eval_reports_return_and_writes_a_gif(tmp_path):
     assert "3 evaluation episodes (greedy" in result.stdout and "at or above 475" in result.stdout  # CartPole's reward threshold
     assert gif.read_bytes()[:6] == b"GIF89a"
     assert result.stderr == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_ctrl_c_stops_an_evaluation(tmp_path):
+    import signal
+    import time
+    net = MLP([8, 4])
+    run_files.save_policy(str(tmp_path / "policy.npz"), net.sizes, net.init(np.random.default_rng(0)),
+                          "LunarLander-v3")
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--eval",
+                                str(tmp_path / "policy.npz"), "--episodes", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # well into the episodes
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130 and "evaluation stopped" in stderr and "Traceback" not in stderr, stderr
 
 
 def bad_files(tmp_path):

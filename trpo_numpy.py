@@ -112,7 +112,8 @@ class Config:
     gamma: float = option(0.999, "gamma, the discount factor: LunarLander's +100 for coming to rest arrives at the "
                                  "end of episodes hundreds of steps long")
     lam: float = option(0.97, "lambda of GAE(gamma, lambda) (GAE paper Eq. 16); 1 is Monte Carlo, 0 is TD(0); "
-                              "the vine's branches estimate Q by the same lambda-return")
+                              "the vine uses it twice: for the value targets on its trunk, and for the "
+                              "lambda-return of each branch, its Q")
     advantage: str = option("gae", "advantage estimator: 'gae' (GAE(lambda) with a learned value function) or "
                                    "'mc' (discounted return-to-go minus the value baseline, as TRPO Sec. 5.1)",
                             choices=["gae", "mc"])
@@ -129,9 +130,9 @@ class Config:
                                   "branches on K actions drawn from q (importance sampling, Eq. 16)")
     vine_proposal: str = option("uniform", "vine with K > 0: q, the distribution the K actions are drawn from",
                                 choices=["uniform", "pi_old"])
-    vine_bootstrap: bool = option(True, "vine: Q is the branch's lambda-return, which ends in gamma^H V(s_H) "
-                                        "if the branch has not ended (--no-vine-bootstrap: the paper's "
-                                        "Monte-Carlo Q, the discounted sum of the branch's rewards)")
+    vine_bootstrap: bool = option(True, "vine: Q is the branch's lambda-return, which uses V at every state "
+                                        "the branch reaches (--no-vine-bootstrap: the paper's Monte-Carlo Q, "
+                                        "the discounted sum of the branch's rewards, with no V and no lambda)")
     vine_restore: str = option("auto", "vine: how a trunk state is restored, all exact and giving the same run: "
                                        "'fork' copies the process (a few ms, however old the episode); 'replay' "
                                        "resets a spare env with the episode's seed and replays its actions (one "
@@ -192,8 +193,9 @@ class Config:
             raise UserError(f"--hidden {max(self.hidden)} is wider than this NumPy implementation can hold in "
                             f"memory at a useful speed; use at most {MAX_LAYER_SIZE}.")
         if self.num_envs > self.total_steps:
-            raise UserError(f"--num-envs {self.num_envs:,} is more environments than the run's --total-steps "
-                            f"{self.total_steps:,}: one step of each would already exceed it.")
+            raise UserError(f"--num-envs {self.num_envs:,} is more environments than --total-steps "
+                            f"{self.total_steps:,}: the first step of every environment would already be "
+                            f"more than the whole run.")
         if self.num_envs > MAX_ENVS:
             raise UserError(f"--num-envs {self.num_envs:,} environments would take minutes and gigabytes to "
                             f"build; use at most {MAX_ENVS} (and --steps-per-env for a larger batch).")
@@ -366,14 +368,17 @@ class ParallelSampler:
 def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None, lam=1.0):
     """One branch of the vine: from env's current state take `first_action`, then follow pi_theta.
 
-    The branch runs H = len(uniforms) steps at most, the first action included; step l
-    samples its action with uniforms[l], so branches given the same uniforms share
-    their random numbers. Returns (Q, steps).
+    The branch runs len(uniforms) steps at most, the first action included, and stops
+    earlier if the episode ends; H below is the number of steps it took. Step l samples its
+    action with uniforms[l], so branches given the same uniforms share their random numbers.
+    Returns (Q, H).
 
     With value_fn None, Q is the paper's Monte-Carlo estimate sum_l gamma^l r_l. Otherwise
     Q is the branch's lambda-return (GAE paper Sec. 5), computed backwards from G_H = V(s_H):
         G_l = r_l + gamma * ((1 - lam) * V(s_{l+1}) + lam * G_{l+1}),   Q = G_0,
     with V = 0 after a terminated step (a time-limit truncation bootstraps like the horizon).
+    That is (1 - lam) sum_{n<H} lam^(n-1) G^(n) + lam^(H-1) G^(H), the n-step returns
+    G^(n) = sum_{l<n} gamma^l r_l + gamma^n V(s_n) weighted as in the GAE paper.
     lam = 1 gives sum_l gamma^l r_l + gamma^H V(s_H); a smaller lam trusts V more and the far,
     noisy end of the branch less: where the branches of a state have drifted apart, their
     distant rewards differ by chance, not because of the first action.
@@ -1309,7 +1314,9 @@ def main(argv=None):
     config_fields = {f.name for f in dataclasses.fields(Config)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
     cfg = None
+    parallel.stop_on_signals()  # from here on Ctrl-C and SIGTERM stop the program (training or --eval)
     try:
+        parallel.raise_if_stop_requested()  # a Ctrl-C that came, and was lost, while Python was importing
         training_options = sorted(k for k in given if k != "env")
         if args.eval and (training_options or args.resume):
             option = f"--{training_options[0].replace('_', '-')}" if training_options else "--resume"
@@ -1337,8 +1344,6 @@ def main(argv=None):
             cfg = scheme_config(**given)
             if not cfg.out:  # the default folder: numbered, so that running again keeps the last run
                 cfg.out = run_files.unused_folder(cfg.out_dir())
-        parallel.stop_on_signals()
-        parallel.raise_if_stop_requested()  # a Ctrl-C that came, and was lost, while Python was importing
         _, _, history = train(cfg, resume=resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -1351,6 +1356,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
         checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz") if cfg else None
+        if args.eval:
+            print("\nevaluation stopped.", file=sys.stderr)
+            return 130
         if checkpoint is None or not os.path.exists(checkpoint):
             print("\nstopped before training began; nothing was saved.", file=sys.stderr)
             return 130
