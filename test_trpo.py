@@ -1107,6 +1107,26 @@ def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
 
 
 @needs_fork
+def test_vine_q_does_not_depend_on_the_number_of_workers(tmp_path):
+    # Each state's random numbers are drawn by the trainer and sent to whichever worker steps its
+    # environment: one worker or two (three environments split 2 + 1) must give the same Q.
+    batches = {}
+    for workers in (1, 2):
+        cfg = vine_config(tmp_path, f"w{workers}", workers=workers, num_envs=3, vine_actions=3,
+                          vine_proposal="pi_old")
+        run_rng = np.random.default_rng(0)
+        net = MLP([4, 8, 2])
+        theta = net.init(run_rng, output_gain=1.0)
+        value_fn = T.ValueFunction(MLP([4, 8, 1]), run_rng, lr=1e-3)
+        sampler = T.make_sampler(cfg, run_rng, value_fn)
+        batches[workers] = sampler.sample(net, theta, 8)
+        sampler.close()
+    one, two = batches[1], batches[2]
+    assert np.array_equal(one["action_sets"], two["action_sets"])
+    assert np.allclose(one["Q"], two["Q"], equal_nan=True, rtol=1e-12) and np.isfinite(one["Q"]).sum() >= 6
+
+
+@needs_fork
 def test_auto_restore_replays_young_states_and_forks_old_ones():
     trunk = T.VineTrunk("LunarLander-v3", [1], [2], "auto")
     # a fork costs as much as some steps, more than none and fewer than a whole episode's worth
