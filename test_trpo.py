@@ -995,7 +995,8 @@ def test_branch_lambda_return_is_the_weighted_mean_of_n_step_returns(rng, horizo
         values.append(0.0 if terminated else value_fn.predict(obs[None])[0])
     assert terminated == (steps < horizon)
     n_step = [sum(gamma ** l * rewards[l] for l in range(n)) + gamma ** n * values[n - 1] for n in range(1, steps + 1)]
-    expected = (1 - lam) * sum(lam ** (n - 1) * n_step[n - 1] for n in range(1, steps)) + lam ** (steps - 1) * n_step[-1]
+    expected = ((1 - lam) * sum(lam ** (n - 1) * n_step[n - 1] for n in range(1, steps))
+                + lam ** (steps - 1) * n_step[-1])
     assert np.isclose(q, expected, rtol=1e-12)
     env.reset(seed=0)
     q_one, _ = T.branch_rollout(env, 1, net, theta, np.zeros(horizon), gamma, value_fn, lam=1.0)

@@ -449,9 +449,9 @@ class VineTrunk:
 
         The steps timed are cheap ones: after the first tries the lander lies on the ground. That
         raises the figure, which is as it should be: a fork that runs a real branch, with a policy
-        pass per step, copy-on-write faults in more pages than this one. (Measured once, on a
-        batch of a solved policy in one worker: replaying the states younger than 440 steps took
-        9.1 s of CPU, replaying only those younger than 150 and forking the rest 10.1 s.)"""
+        pass per step, costs more than this one. (Measured once, on a batch of a solved policy in
+        one worker: replaying the states younger than 440 steps took 9.1 s of CPU, replaying only
+        those younger than 150 and forking the rest 10.1 s.)"""
         def twenty_steps():
             for _ in range(20):
                 self.spare.step(0)  # engines off: falling, then lying on the ground
@@ -466,9 +466,9 @@ class VineTrunk:
         `rollout` (T, E) marks the rollout states. Row i of `uniforms` (n, H) is the stream of
         random numbers of the i-th of them in row-major (t, e) order, shared by all its branches;
         row i of `draws` (n, K) holds the uniforms that draw its K actions from q (`proposal`:
-        "uniform" or "pi_old"); draws is None to branch on every action. Adds to the batch, per state: Q (T, E, A), NaN for actions
-        not branched on; action_sets (T, E, K); q_drawn (T, E, K), q of each drawn action;
-        branch_steps (T, E).
+        "uniform" or "pi_old"); draws is None to branch on every action. Adds to the batch, per
+        state: Q (T, E, A), NaN for actions not branched on; action_sets (T, E, K); q_drawn
+        (T, E, K), q of each drawn action; branch_steps (T, E).
         """
         A = net.sizes[-1]
         K = A if draws is None else draws.shape[-1]
