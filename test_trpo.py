@@ -1085,19 +1085,24 @@ def vine_config(tmp_path, name, **overrides):
     return short_config(tmp_path, name, **settings)
 
 
+def vine_batch(cfg, number=1):
+    """The `number`-th batch of 8 steps that a vine sampler for cfg gives a seeded CartPole policy."""
+    run_rng = np.random.default_rng(0)
+    net = MLP([4, 8, 2])
+    theta = net.init(run_rng)
+    value_fn = T.ValueFunction(MLP([4, 8, 1]), run_rng, lr=1e-3)
+    sampler = T.make_sampler(cfg, run_rng, value_fn)
+    for _ in range(number):
+        batch = sampler.sample(net, theta, 8)
+    sampler.close()
+    return batch
+
+
 @needs_fork
 def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
-    batches = {}
-    for restore in ("fork", "replay", "auto"):
-        cfg = vine_config(tmp_path, restore, vine_restore=restore)
-        run_rng = np.random.default_rng(0)
-        net = MLP([4, 8, 2])
-        theta = net.init(run_rng)
-        value_fn = T.ValueFunction(MLP([4, 8, 1]), run_rng, lr=1e-3)
-        sampler = T.make_sampler(cfg, run_rng, value_fn)
-        sampler.sample(net, theta, 8)  # a second batch starts mid-episode: replay must cover that
-        batches[restore] = sampler.sample(net, theta, 8)
-        sampler.close()
+    # the second batch starts mid-episode: replay must cover that
+    batches = {restore: vine_batch(vine_config(tmp_path, restore, vine_restore=restore), number=2)
+               for restore in ("fork", "replay", "auto")}
     fork, replay = batches["fork"], batches["replay"]
     assert fork["Q"].shape == (6, 2) and np.all(np.isfinite(fork["Q"]))
     assert np.array_equal(fork["Q"], replay["Q"]) and np.array_equal(fork["Q"], batches["auto"]["Q"])
@@ -1111,17 +1116,9 @@ def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
 def test_vine_q_does_not_depend_on_the_number_of_workers(tmp_path):
     # Each state's random numbers are drawn by the trainer and sent to whichever worker steps its
     # environment: one worker or two (three environments split 2 + 1) must give the same Q.
-    batches = {}
-    for workers in (1, 2):
-        cfg = vine_config(tmp_path, f"w{workers}", workers=workers, num_envs=3, vine_actions=3,
-                          vine_proposal="pi_old")
-        run_rng = np.random.default_rng(0)
-        net = MLP([4, 8, 2])
-        theta = net.init(run_rng, output_gain=1.0)
-        value_fn = T.ValueFunction(MLP([4, 8, 1]), run_rng, lr=1e-3)
-        sampler = T.make_sampler(cfg, run_rng, value_fn)
-        batches[workers] = sampler.sample(net, theta, 8)
-        sampler.close()
+    batches = {workers: vine_batch(vine_config(tmp_path, f"w{workers}", workers=workers, num_envs=3,
+                                               vine_actions=3, vine_proposal="pi_old"))
+               for workers in (1, 2)}
     one, two = batches[1], batches[2]
     assert np.array_equal(one["action_sets"], two["action_sets"])
     assert np.allclose(one["Q"], two["Q"], equal_nan=True, rtol=1e-12) and np.isfinite(one["Q"]).sum() >= 6

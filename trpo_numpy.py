@@ -1361,10 +1361,10 @@ def main(argv=None):
         return 1
     except KeyboardInterrupt:
         parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
-        checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz") if cfg else None
         if args.eval:
             print("\nevaluation stopped.", file=sys.stderr)
             return 130
+        checkpoint = os.path.join(cfg.out_dir(), "checkpoint.npz") if cfg else None
         if checkpoint is None or not os.path.exists(checkpoint):
             print("\nstopped before training began; nothing was saved.", file=sys.stderr)
             return 130
