@@ -146,6 +146,10 @@ def _worker_main(connection, make_object, args):
     finally:
         if hasattr(owned, "close"):
             owned.close()
+        # Exiting now: a SIGTERM from here on (the main process stopping a worker it thinks busy)
+        # ends the process at once, instead of raising SystemExit in interpreter shutdown, which
+        # Python reports with a traceback.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class WorkerProcesses:

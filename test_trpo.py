@@ -688,6 +688,33 @@ def test_a_signal_in_a_held_block_waits_for_its_end_even_if_library_code_unblock
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_a_worker_stopped_while_it_exits_prints_no_traceback(tmp_path):
+    # The main process, stopped by Ctrl-C in the middle of a call, SIGTERMs its workers; one may
+    # already be exiting (here: its atexit hook sleeps). That must end it quietly.
+    (tmp_path / "slow_to_exit.py").write_text("""if True:
+        import atexit, time
+        class SlowToExit:
+            def __init__(self):
+                atexit.register(time.sleep, 2.0)
+            def ping(self):
+                return "pong"
+    """)
+    script = """if True:
+        import time, parallel, slow_to_exit
+        if __name__ == "__main__":
+            workers = parallel.WorkerProcesses(slow_to_exit.SlowToExit, [()])
+            print(workers.call("ping", [()])[0])
+            workers.connections[0].close()  # the worker leaves its loop and starts exiting
+            time.sleep(0.5)
+            workers.processes[0].terminate()
+            workers.processes[0].join(10)
+    """
+    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([HERE, str(tmp_path)])})
+    assert result.stdout.split() == ["pong"] and "Traceback" not in result.stderr, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_a_ctrl_c_lost_in_library_code_still_stops_the_run():
     script = """if True:
         import os, signal, parallel
