@@ -36,6 +36,7 @@ if __name__ == "__main__":
     parallel.stop_on_signals(interrupt=False)  # a Ctrl-C during the imports below is noted; main acts on it
 
 import argparse
+import concurrent.futures
 import dataclasses
 import os
 import sys
@@ -830,8 +831,10 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     expected = g @ full_step
 
     # 5. backtracking line search on the true surrogate and KL
+    tried = {}  # the logits of the last theta evaluated: the accepted one, if any, is the last
+
     def evaluate(theta):
-        logits = net.forward(theta, states)[0]
+        tried["logits"] = logits = net.forward(theta, states)[0]
         return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits)
     if cfg.trust_region:
         # L is a mean of terms of L_old's size: differences below 1e-10 of it are rounding, which a
@@ -844,7 +847,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         improvement, kl_reached = evaluate(theta_new)
     info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
                 expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
-    info["logits_new"] = net.forward(theta_new, states)[0]
+    info["logits_new"] = tried["logits"] if ok else logits_old
     info["max_kl"] = float(np.max(kl(logits_old, info["logits_new"])))
     if not ok:
         info["skipped"] = "line search failed, keeping old parameters"
@@ -1035,7 +1038,14 @@ def train_iteration(state, sampler):
     theta_old = state.theta
     if cfg.entropy_coef:
         surrogate_of_logits = with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef)
-    state.theta, step = trpo_step(policy_net, theta_old, states, surrogate_of_logits, cfg)
+    # Step 7, the value fit, needs nothing from the policy step: a second thread does it meanwhile,
+    # on the core the step leaves idle (NumPy releases Python's lock inside its array operations).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
+        value_fit = background.submit(fit_value_function, value_fn, fit_states, value_targets, cfg, state.rng)
+        state.theta, step = trpo_step(policy_net, theta_old, states, surrogate_of_logits, cfg)
+    value_loss, value_skipped = value_fit.result()
+    if value_skipped:
+        step["skipped"] = step.get("skipped", "") + "; " + value_skipped
 
     # What the step predicted for the return, beside Theorem 1's penalty (see predicted_return_change)
     if cfg.scheme == "vine":
@@ -1050,13 +1060,6 @@ def train_iteration(state, sampler):
                                                  step["max_kl"], largest_advantage, cfg.gamma)
     batch_return = float(np.nanmean(ended)) if np.any(~np.isnan(ended)) else float("nan")
     previous = state.history[-1]["batch_return"] if state.history else float("nan")
-
-    # 7. refit the value function for the next iteration's advantages
-    if np.all(np.isfinite(value_targets)):
-        value_loss = value_fn.fit(fit_states, value_targets, cfg.vf_epochs, cfg.vf_minibatch, state.rng)
-    else:  # one bad number would poison every weight of V; skip this batch's fit instead
-        value_loss = float("nan")
-        step["skipped"] = step.get("skipped", "") + "; value targets not finite, value fit skipped"
 
     recent = state.episode_returns[-100:]
     seconds = time.perf_counter() - start
@@ -1085,6 +1088,16 @@ def train_iteration(state, sampler):
         "return_change": batch_return - previous,
         "skipped": step.get("skipped", "").lstrip("; "),
     }
+
+
+def fit_value_function(value_fn, states, targets, cfg, rng):
+    """Step 7: refit V to this batch's value targets, for the next iteration's advantages.
+
+    Returns (mean squared error after the fit, "" or why the fit was skipped): one target
+    that is not finite would poison every weight of V, so such a batch is not fitted."""
+    if not np.all(np.isfinite(targets)):
+        return float("nan"), "value targets not finite, value fit skipped"
+    return value_fn.fit(states, targets, cfg.vf_epochs, cfg.vf_minibatch, rng), ""
 
 
 def predicted_return_change(surrogate_change, steps, episodes, max_kl_state, largest_advantage, gamma):
