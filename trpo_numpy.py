@@ -301,21 +301,22 @@ class SinglePathSampler:
             "episode_return": np.full((steps, E), np.nan),
         }
         logits_steps = []
+        rewards, next_obs, obs_after = [0.0] * E, [None] * E, [None] * E  # step t, per environment
         for t in range(steps):
             logits, _ = net.forward(theta, self.obs)  # (E, A): ONE forward pass for all environments
-            actions = sample(logits, [rng.random() for rng in self.action_rngs])
+            actions = sample(logits, [rng.random() for rng in self.action_rngs]).tolist()
             self.last_logits = logits
             batch["obs"][t] = self.obs
             batch["actions"][t] = actions
             logits_steps.append(logits)
+            # The hot path: Python lists per environment, copied into the arrays once per step.
             for e, env in enumerate(self.envs):
                 if branch_points is not None and branch_points[t, e]:
                     branch(t, e, self)
-                obs, reward, terminated, truncated, _ = env.step(int(actions[e]))
-                self.episode_actions[e].append(int(actions[e]))
-                batch["rewards"][t, e] = reward
-                batch["next_obs"][t, e] = obs
-                self.episode_return[e] += reward
+                obs, rewards[e], terminated, truncated, _ = env.step(actions[e])
+                self.episode_actions[e].append(actions[e])
+                self.episode_return[e] += rewards[e]
+                next_obs[e] = obs
                 if terminated or truncated:
                     batch["terminated"][t, e] = terminated
                     batch["truncated"][t, e] = truncated
@@ -324,7 +325,10 @@ class SinglePathSampler:
                     self.episode_seed[e] = int(self.action_rngs[e].integers(TRAIN_SEED_LIMIT))
                     self.episode_actions[e] = []
                     obs, _ = env.reset(seed=self.episode_seed[e])
-                self.obs[e] = obs
+                obs_after[e] = obs
+            batch["rewards"][t] = rewards
+            batch["next_obs"][t] = next_obs
+            self.obs = np.array(obs_after, dtype=np.float64)
         batch["logits"] = np.array(logits_steps)  # (T, E, A), pi_old's logits at every state
         return batch
 
