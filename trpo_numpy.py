@@ -816,8 +816,8 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         return theta_old, info
 
     # 2. natural gradient direction x = (F + lambda I)^-1 g, F estimated on every k-th state
-    fisher_states = states[::cfg.fisher_subsample]
-    fisher_cache = net.forward(theta_old, fisher_states)[1] if cfg.fisher_subsample > 1 else cache
+    # (the forward pass's cache holds every layer's input: its every k-th row is that state's)
+    fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]
     fisher_probs = probs_old[::cfg.fisher_subsample]
 
     def Fvp(v):
