@@ -467,6 +467,38 @@ def test_same_seed_same_run_to_the_bit(tmp_path):
     assert not np.array_equal(theta_a, theta_c)
 
 
+class InlineExecutor:
+    """concurrent.futures' thread pool interface, running each task at once, in this thread."""
+
+    def __init__(self, max_workers=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def submit(self, function, *args):
+        import concurrent.futures
+        future = concurrent.futures.Future()
+        future.set_result(function(*args))
+        return future
+
+
+def test_the_value_fit_beside_the_policy_step_gives_the_run_of_one_thread(tmp_path, monkeypatch):
+    # The value fit runs in a second thread while the policy step is computed. Run in turn, before
+    # the step, it must give the same run to the bit: it takes nothing from the step, nor the step from it.
+    _, theta_threads, history_threads = T.train(short_config(tmp_path, "threads"), verbose=False)
+    monkeypatch.setattr(T.concurrent.futures, "ThreadPoolExecutor", InlineExecutor)
+    _, theta_inline, history_inline = T.train(short_config(tmp_path, "inline"), verbose=False)
+    assert np.array_equal(theta_threads, theta_inline)
+    saved_threads, _ = T.read_checkpoint(str(tmp_path / "threads" / "checkpoint.npz"))
+    saved_inline, _ = T.read_checkpoint(str(tmp_path / "inline" / "checkpoint.npz"))
+    assert np.array_equal(saved_threads["phi"], saved_inline["phi"])  # the value network too
+    assert [row["value_loss"] for row in history_threads] == [row["value_loss"] for row in history_inline]
+
+
 def test_training_writes_its_outputs(tmp_path):
     cfg = short_config(tmp_path, "out")
     T.train(cfg, verbose=False)
