@@ -90,8 +90,8 @@ class Config:
                           "the same seed gives the same run, to the bit, on the same machine")
     total_steps: int = option(1_000_000, "environment steps to train for (trunk steps, summed over all environments; "
                                          "the vine: 150 iterations' worth unless given)")
-    num_envs: int = option(16, "environments sampled side by side; the policy runs one batched forward pass "
-                               "for all (the vine: 32 unless given)")
+    num_envs: int = option(32, "environments sampled side by side; the policy runs one batched forward pass "
+                               "for all")
     workers: int = option(2, "processes working in parallel, one per core, each stepping its share of the "
                              "environments (the vine's also run their states' branches); 1 = all in this "
                              "process; a run is reproducible to the bit for the same seed and the same number "
@@ -100,7 +100,7 @@ class Config:
                                      "(the vine's trunk: 256 unless given)")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks "
                                      "('--hidden 16 16' gives LunarLander an 8-16-16-4 policy)", nargs="+")
-    max_kl: float = option(0.02, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12) "
+    max_kl: float = option(0.04, "delta, the trust region: the mean KL(pi_old || pi_new) a step may reach (Eq. 12) "
                                  "(the vine: 0.05 unless given)")
     damping: float = option(0.1, "lambda, added to the Fisher matrix (F + lambda I) so conjugate gradient stays "
                                  "well conditioned; raise it if steps often fail the line search")
