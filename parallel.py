@@ -42,7 +42,7 @@ def pin_blas_threads():
 def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of returning it to the OS at once.
 
-    Every NumPy expression on a 4096 x 64 batch allocates 2 MB temporaries. By default
+    Every NumPy expression on a 4096 x 64 batch allocates a 2 MB temporary. By default
     glibc hands such blocks back to the OS when freed and page-faults them in again on the
     next allocation: measured here, `h @ W + b` took 1.7 ms instead of 0.75 ms. Raising the
     trim and mmap thresholds (mallopt) removes that cost. Elsewhere than glibc, do nothing."""

@@ -24,7 +24,7 @@ References:
 
 Run it:
   python trpo_numpy.py                       # single path on LunarLander-v3, writes runs/single-seed0/
-  python trpo_numpy.py --seed 3 --max-kl 0.02
+  python trpo_numpy.py --seed 1 --max-kl 0.02
   python trpo_numpy.py --help                # every option, with its paper symbol
 """
 
@@ -68,9 +68,9 @@ def option(default, help, **extra):
 SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
 # Where the vine's settings differ from the single path's (Config's defaults), for options
-# not given on the command line. Its trunk is the single path's batch, run longer per
-# environment (32 x 256 states: many finished episodes per iteration for the value fit and
-# the rolling return, at little cost next to the branches); its all-actions estimate has so
+# not given on the command line. Its trunk is half the single path's batch (32 x 256 states:
+# many finished episodes per iteration for the value fit and the rolling return, at little
+# cost next to the branches); its all-actions estimate has so
 # little noise that larger steps pay; its Fisher is taken over the few rollout states, every
 # one of them. Unless told otherwise, a vine run stops once solved (the environment's reward
 # threshold, 200 for LunarLander) or after VINE_ITERATIONS iterations: a run a class can wait for.
@@ -318,6 +318,7 @@ class SinglePathSampler:
                 self.episode_return[e] += rewards[e]
                 next_obs[e] = obs
                 if terminated or truncated:
+                    next_obs[e] = np.array(obs)  # a copy: the reset below must not change it
                     batch["terminated"][t, e] = terminated
                     batch["truncated"][t, e] = truncated
                     batch["episode_return"][t, e] = self.episode_return[e]
@@ -778,7 +779,8 @@ def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_bac
     KL is at most delta (never above: no slack) and whose surrogate improves by more
     than min_improvement (the size of rounding noise: a smaller "improvement" is no
     evidence that the step is better). Returns (success, theta, improvement, kl,
-    backtracks). On failure theta is theta_old itself, not the last rejected try.
+    backtracks). On failure theta is theta_old itself, not the last rejected try; on
+    success it is the last theta evaluated (trpo_step reuses that evaluation's logits).
     """
     for k in range(max_backtracks):
         theta = theta_old + backtrack_coeff ** k * full_step
