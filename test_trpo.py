@@ -745,9 +745,11 @@ def start_run(out, *args, iterations=3):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_a_signal_in_a_held_block_waits_for_its_end_even_if_library_code_unblocks_it():
-    # In a new interpreter: a process's signal handlers and threads are shared by every test run in it.
+    # In a new interpreter, with Python's own Ctrl-C handler: a process started in the background
+    # inherits SIGINT ignored, and Python then leaves it ignored (a program sets its handler, as main does).
     script = """if True:
         import os, signal, parallel
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         ran = []
         try:
             with parallel.signals_held():
