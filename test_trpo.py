@@ -7,6 +7,7 @@ out by hand, and plain loops. No autodiff framework.
 Run:  python -m pytest -q test_trpo.py
 """
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -483,7 +484,6 @@ class InlineExecutor:
         return False
 
     def submit(self, function, *args):
-        import concurrent.futures
         future = concurrent.futures.Future()
         if self.after_block:
             self.tasks.append((future, function, args))
@@ -743,6 +743,13 @@ def start_run(out, *args, iterations=3):
     return process
 
 
+def run_python(script, *import_dirs):
+    """Run a Python script in a new interpreter that imports this project's files (and import_dirs')."""
+    path = os.pathsep.join([HERE, *map(str, import_dirs)])
+    return subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": path})
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_a_signal_in_a_held_block_waits_for_its_end_even_if_library_code_unblocks_it():
     # In a new interpreter, with Python's own Ctrl-C handler: a process started in the background
@@ -763,7 +770,7 @@ def test_a_signal_in_a_held_block_waits_for_its_end_even_if_library_code_unblock
             print("interrupted after:", ran[-1])  # and Ctrl-C was delivered after it, not lost
         print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     """
-    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+    result = run_python(script)
     assert result.stdout.splitlines() == ["interrupted after: the block finished", "True"], result.stdout + result.stderr
 
 
@@ -795,8 +802,7 @@ def test_a_worker_stopped_while_it_exits_prints_no_traceback(tmp_path):
             workers.processes[0].join(10)
             print(workers.processes[0].exitcode)
     """
-    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([HERE, str(tmp_path)])})
+    result = run_python(script, tmp_path)
     assert "Traceback" not in result.stderr, result.stdout + result.stderr
     assert result.stdout.split() == ["pong", "-15"], result.stdout + result.stderr  # ended by SIGTERM itself
 
@@ -817,7 +823,7 @@ def test_a_ctrl_c_lost_in_library_code_still_stops_the_run():
         except KeyboardInterrupt:
             print("stopped")
     """
-    result = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True, timeout=60)
+    result = run_python(script)
     assert result.stdout.split() == ["swallowed", "stopped"], result.stdout + result.stderr
 
 
