@@ -34,7 +34,8 @@ import shutil
 import sys
 import time
 
-import trpo_numpy as T  # first: it pins BLAS to one thread before NumPy loads
+import trpo_numpy as T  # first: it sets up the process (BLAS threads) before NumPy loads
+import cli
 import parallel
 import run_files
 import numpy as np
@@ -64,7 +65,7 @@ def restore_cost(cfg, branches=100):
     one at a time, with an untrained policy from states 50 steps into an episode."""
     rng = np.random.default_rng(0)
     env = T.make_env(cfg.env)
-    obs_dim, num_actions = T.env_dims(env)
+    obs_dim, num_actions = T.env_dims(cfg.env)
     net = MLP([obs_dim, *cfg.hidden, num_actions])
     theta = net.init(rng, output_gain=0.01)
     pool = parallel.ForkPool(max_children=1)
@@ -116,8 +117,9 @@ def bench_seed(scheme, seed, total_steps, eval_episodes, out_root):
         "iterations_to_200": solved["iteration"] if solved else None,
         "curve": [(row["env_steps"], row["rolling_return"]) for row in history],
     }
-    greedy = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=True)
-    sampled = T.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=False, rng=np.random.default_rng(seed))
+    greedy = cli.evaluate_policy(T, net, theta, cfg.env, eval_episodes, greedy=True)
+    sampled = cli.evaluate_policy(T, net, theta, cfg.env, eval_episodes, greedy=False,
+                                  rng=np.random.default_rng(seed))
     result.update(eval_greedy_mean=float(greedy.mean()), eval_greedy_std=float(greedy.std()),
                   eval_sampled_mean=float(sampled.mean()), eval_sampled_std=float(sampled.std()))
     if scheme == "single":
@@ -246,8 +248,8 @@ def trust_region_demo(seed, max_kl, total_steps, out_root, path):
 
 
 def main(argv=None):
-    parser = T.ArgumentParser(description=__doc__.split("\n")[0],  # bad input: one sentence, exit code 2
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0],  # bad input: one sentence, exit code 2
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--scheme", default="single", choices=["single", "vine"], help="sampling scheme")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
     parser.add_argument("--total-steps", type=int, default=T.Config.total_steps,

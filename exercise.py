@@ -26,7 +26,8 @@ import textwrap
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROJECT_FILES = ["network.py", "parallel.py", "run_files.py", "trpo_numpy.py", "test_trpo.py", "requirements.txt"]
+PROJECT_FILES = ["network.py", "parallel.py", "run_files.py", "trpo_numpy.py", "cli.py", "test_trpo.py",
+                 "requirements.txt"]
 
 
 @dataclass

@@ -3,8 +3,9 @@
 What is here, none of it about TRPO (it runs whatever functions it is given and
 imports nothing from trpo_numpy.py):
 
-* `pin_blas_threads` and `keep_freed_memory`: process settings that make NumPy's
-  small matrix products fast when several processes share two cores.
+* `set_up_process`: the one call a program makes first: `pin_blas_threads` and
+  `keep_freed_memory` (settings that make NumPy's small matrix products fast when
+  several processes share two cores) and, in the main program, `stop_on_signals`.
 * `WorkerProcesses`: long-lived worker processes, started with "spawn", each owning
   an object (an environment sampler, say) whose methods the main process calls;
   `InThisProcess` does the same in this process, for one worker.
@@ -28,6 +29,16 @@ import select
 import signal
 import time
 import traceback
+
+
+def set_up_process(main):
+    """What every process of ours does before it imports NumPy: one BLAS thread, freed memory kept.
+    main=True (the program itself, not a worker) also notes a Ctrl-C or SIGTERM from now on, for the
+    program to act on once it is ready (stop_on_signals(interrupt=False))."""
+    pin_blas_threads()
+    keep_freed_memory()
+    if main:
+        stop_on_signals(interrupt=False)
 
 
 def pin_blas_threads():

@@ -3,6 +3,9 @@
 What is here, none of it about TRPO (it is given plain arrays, dicts and strings, and
 imports nothing from trpo_numpy.py):
 
+* `RunFolder`: the bookkeeping of one training run, behind one object: the folder checks
+  and lock, config.json, progress.csv and the log line, the progress bar, checkpoints every
+  few iterations, and the final save (checkpoint, policy, plots);
 * the output folder: `prepare_out_dir` (writable before training starts), `unused_folder`,
   `check_folder_is_free` and `check_folder_is_ours` (a run never writes over another run's
   files), `lock_folder` (nor two runs into one folder at once);
@@ -14,12 +17,14 @@ imports nothing from trpo_numpy.py):
 * `UserError`: a mistake the user can fix (a bad option, an unreadable file), which the
   command line reports in one sentence with exit code 2.
 
-What is not here: the algorithm (trpo_numpy.py) and other processes (parallel.py).
+What is not here: the algorithm (trpo_numpy.py), other processes (parallel.py), the
+command line (cli.py).
 """
 
 import csv
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -35,6 +40,78 @@ PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl"
                     "max_kl_state", "predicted_return_change", "theorem_penalty", "batch_return", "return_change"]
 CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
 POLICY_FORMAT = "trpo-numpy policy v1"
+
+
+# ----------------------------------------------------------------------------
+# One training run's folder
+# ----------------------------------------------------------------------------
+
+def checkpoint_path(out_dir):
+    return os.path.join(out_dir, "checkpoint.npz")
+
+
+class RunFolder:
+    """What a training run writes, and when. Opening one checks and locks the folder (a new run
+    never writes over another run's files, nor two runs into one folder at once), writes
+    config.json, starts progress.csv (with a resumed run's earlier rows) and the progress bar.
+
+    `settings` is the run's configuration as a dict (it must hold env, seed, max_kl,
+    total_steps and save_every); `history` the rows of the iterations so far; `sizes` the
+    layer sizes of the policy and value networks; `plot_labels` what save_plots needs besides.
+    """
+
+    def __init__(self, out_dir, settings, run_id, history, resuming, sizes, verbose, plot_labels):
+        from tqdm import tqdm
+        tqdm.monitor_interval = 0  # no monitor thread: the vine forks this process, and fork copies one thread
+        self.out_dir, self.settings, self.sizes, self.plot_labels = out_dir, settings, sizes, plot_labels
+        self.verbose, self.write_line = verbose, tqdm.write
+        prepare_out_dir(out_dir)
+        self.lock = lock_folder(out_dir)
+        try:
+            if resuming:
+                check_folder_is_ours(out_dir, run_id)
+            else:
+                check_folder_is_free(out_dir)
+            write_config(out_dir, {**settings, "run_id": run_id})
+            self.progress = ProgressCsv(out_dir, history)
+        except BaseException:
+            self.lock.close()
+            raise
+        self.history = history
+        self.bar = tqdm(total=settings["total_steps"], initial=history[-1]["env_steps"] if history else 0, unit="step", unit_scale=True,
+                        disable=not verbose, file=sys.stderr)
+
+    def record(self, row, snapshot):
+        """One finished iteration: its row in progress.csv, the log line, the bar; and every
+        save_every iterations, the snapshot in checkpoint.npz."""
+        self.progress.write(row)
+        if row["iteration"] % self.settings["save_every"] == 0:
+            self.save_checkpoint(snapshot)
+        self.bar.update(row["trunk_steps"])
+        self.bar.set_postfix(ret=f"{row['rolling_return']:.1f}")
+        if self.verbose:
+            self.write_line(format_log_line(row) + (f" | step skipped: {row['skipped']}" if row["skipped"] else ""))
+
+    def save_checkpoint(self, snapshot):
+        write_checkpoint(checkpoint_path(self.out_dir), snapshot, self.settings, *self.sizes, self.settings["env"])
+
+    def finish(self, snapshot):
+        """The end of the run, whatever ended it: the last snapshot in checkpoint.npz, its policy in
+        policy.npz, the plots; then the folder is let go."""
+        try:
+            self.bar.close()
+            if sys.exc_info()[0] is KeyboardInterrupt:
+                print("\nstopping: saving the last finished iteration, one moment ...", file=sys.stderr)
+            self.progress.close()
+            self.save_checkpoint(snapshot)
+            save_policy(os.path.join(self.out_dir, "policy.npz"), self.sizes[0], snapshot["theta"],
+                        self.settings["env"])
+            if self.history:
+                save_plots(self.history, self.out_dir, self.settings["env"], self.settings["seed"],
+                           self.plot_labels["scheme_name"], self.settings["max_kl"],
+                           solved_at=self.plot_labels["solved_at"])
+        finally:
+            self.lock.close()
 
 
 # ----------------------------------------------------------------------------
@@ -72,7 +149,7 @@ def check_folder_is_free(out_dir):
     """A new run writes into an empty folder, or one that holds no run: never over another run's files."""
     if holds_a_run(out_dir):
         raise UserError(f"'{out_dir}' holds a run already; continue it with --resume "
-                        f"{os.path.join(out_dir, 'checkpoint.npz')}, or give another --out.")
+                        f"{checkpoint_path(out_dir)}, or give another --out.")
 
 
 def lock_folder(out_dir):
@@ -139,7 +216,7 @@ def format_log_line(row):
             f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
             f"return change pred {row['predicted_return_change']:+.1f} real "
             f"{'n/a' if np.isnan(row['return_change']) else format(row['return_change'], '+.1f')} | "
-            f"max kl {row['max_kl_state']:.3f} | "
+            f"largest state kl {row['max_kl_state']:.3f} | "
             f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
             f"{row['steps_per_s']:,.0f} steps/s"
             + (f" | vine: {row['rollout_states']} states, {row['branch_steps']:,} branch steps, "

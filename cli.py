@@ -1,0 +1,288 @@
+"""cli.py: the command line of trpo_numpy.py, and evaluation. A reader of the TRPO paper can skip this file.
+
+`python trpo_numpy.py [options]` runs `main` here. It is handed the trpo_numpy module rather
+than importing it: that file runs as the program (__main__), and an import would load a
+second copy of it. What is here:
+
+* `build_parser`: the options, generated from trpo_numpy.Config: each field's one line of
+  help, its default, and the vine's default where SCHEME_DEFAULTS gives it another;
+* `validate`: every value the algorithm cannot run with, refused in one sentence;
+* the rules of --resume (which settings may change) and of --eval (which options go with it);
+* evaluation (`load_policy`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
+* exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C or SIGTERM.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import numpy as np
+
+import parallel
+import run_files
+from network import MLP, sample
+from run_files import UserError
+
+MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider ones exhaust memory
+MAX_ENVS = 1024  # environments side by side; each holds its own simulator
+RESUMABLE = {"total_steps", "out", "workers", "save_every"}  # the settings a resumed run may change
+
+
+def flag(name):
+    """The command-line flag of a Config field: total_steps -> --total-steps."""
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------
+# The options and their help
+# ----------------------------------------------------------------------------
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none to show (None, or --out's
+    empty string, whose folder is made from the scheme and seed)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option ends with one sentence on stderr and exit code 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help).\n")
+
+
+def number(kind):
+    """argparse type: a number of the given kind, with a one-sentence error for anything else."""
+    def convert(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}")
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def vine_default(trpo, name):
+    """' (vine: ...)' where the vine's default of a field differs from Config's, else ''."""
+    if name in trpo.SCHEME_DEFAULTS["vine"]:
+        return f" (vine: {trpo.SCHEME_DEFAULTS['vine'][name]})"
+    if name == "total_steps":
+        return f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
+    if name == "stop_return":
+        return " (vine: the environment's reward threshold, 200 for LunarLander)"
+    return ""
+
+
+def build_parser(trpo, defaults=True):
+    """The command line, generated from trpo.Config so that --help and the defaults cannot drift apart.
+
+    defaults=False leaves out every default: what remains is what the user typed."""
+    parser = ArgumentParser(description="Trust Region Policy Optimization (Schulman et al. 2015) in plain NumPy.",
+                            formatter_class=HelpFormatter,
+                            argument_default=None if defaults else argparse.SUPPRESS)
+    training = parser.add_argument_group("training (paper symbols in parentheses)")
+    for f in dataclasses.fields(trpo.Config):
+        settings = dict(f.metadata)
+        settings["help"] += vine_default(trpo, f.name)
+        default = f.default if defaults else argparse.SUPPRESS
+        if f.type in ("bool", bool):
+            training.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, **settings)
+        elif f.type in ("tuple", tuple):
+            training.add_argument(flag(f.name), type=number(int), nargs="+", default=default, **settings)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            convert = number(kind) if kind in (int, float) else kind
+            training.add_argument(flag(f.name), type=convert, default=default, **settings)
+    other = parser.add_argument_group("checkpoints and evaluation")
+    other.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint.npz; "
+                       "its settings are kept (only " + ", ".join(flag(name) for name in sorted(RESUMABLE))
+                       + " may change)")
+    other.add_argument("--eval", metavar="FILE", help="do not train: evaluate the policy in this policy.npz or "
+                       "checkpoint.npz on seeds training never uses")
+    other.add_argument("--episodes", type=number(int), default=100 if defaults else argparse.SUPPRESS,
+                       help="evaluation episodes, with --eval")
+    other.add_argument("--greedy", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                       help="with --eval, take the most likely action instead of sampling")
+    other.add_argument("--gif", metavar="FILE", help="with --eval, write the first episode as an animated GIF")
+    return parser
+
+
+def validate(cfg):
+    """Raise UserError, in one sentence, for any value the algorithm cannot run with."""
+    positive = ["total_steps", "num_envs", "workers", "steps_per_env", "max_kl", "fisher_subsample",
+                "cg_iters", "max_backtracks", "vf_lr", "vf_epochs", "vf_minibatch", "save_every",
+                "vine_states", "vine_horizon"]
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"{flag(name)} must be positive, got {getattr(cfg, name)}.")
+    if not cfg.damping >= 0:
+        raise UserError(f"--damping must be zero or positive, got {cfg.damping}.")
+    if not 0 < cfg.gamma <= 1:
+        raise UserError(f"--gamma must be in (0, 1], got {cfg.gamma}.")
+    if not 0 <= cfg.lam <= 1:
+        raise UserError(f"--lam must be in [0, 1], got {cfg.lam}.")
+    if not 0 < cfg.backtrack_coeff < 1:
+        raise UserError(f"--backtrack-coeff must be in (0, 1), got {cfg.backtrack_coeff}.")
+    if not cfg.vine_actions >= 0:
+        raise UserError(f"--vine-actions must be 0 (all actions) or positive, got {cfg.vine_actions}.")
+    if not cfg.hidden or any(n < 1 for n in cfg.hidden):
+        raise UserError(f"--hidden needs one or more positive layer sizes, got {list(cfg.hidden)}.")
+    for name in ("max_kl", "damping", "vf_lr", "entropy_coef", "stop_return"):
+        value = getattr(cfg, name)
+        if value is not None and not np.isfinite(value):
+            raise UserError(f"{flag(name)} must be a finite number, got {value}.")
+    if cfg.seed < 0:
+        raise UserError(f"--seed must be zero or positive, got {cfg.seed}.")
+    if cfg.vine_actions == 1:
+        raise UserError("--vine-actions 1 cannot learn: with one sampled action the self-normalised "
+                        "estimate of Eq. (16) is that action's Q whatever theta is, so its gradient is zero; "
+                        "use 2 or more, or 0 for all actions.")
+    if max(cfg.hidden) > MAX_LAYER_SIZE:
+        raise UserError(f"--hidden {max(cfg.hidden)} is wider than this NumPy implementation can hold in "
+                        f"memory at a useful speed; use at most {MAX_LAYER_SIZE}.")
+    if cfg.num_envs > cfg.total_steps:
+        raise UserError(f"--num-envs {cfg.num_envs:,} is more environments than --total-steps "
+                        f"{cfg.total_steps:,}: the first step of every environment would already be "
+                        f"more than the whole run.")
+    if cfg.num_envs > MAX_ENVS:
+        raise UserError(f"--num-envs {cfg.num_envs:,} environments would take minutes and gigabytes to "
+                        f"build; use at most {MAX_ENVS} (and --steps-per-env for a larger batch).")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation and the animation
+# ----------------------------------------------------------------------------
+
+def load_policy(trpo, path, env_id=None):
+    """(net, theta, env_id) from a policy.npz or checkpoint.npz, checked against the environment's shape."""
+    sizes, theta, saved_env_id = run_files.read_policy(path)
+    env_id = env_id or saved_env_id
+    obs_dim, num_actions = trpo.env_dims(env_id)
+    if sizes[0] != obs_dim or sizes[-1] != num_actions:
+        raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions, "
+                        f"but {env_id} has {obs_dim} and {num_actions}.")
+    net = MLP(sizes)
+    if theta.shape != (net.num_params,):
+        raise UserError(f"'{path}' holds {theta.size} weights, not the {net.num_params} of its network.")
+    return net, theta, env_id
+
+
+def evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=None, gif_path=None):
+    """Returns of `episodes` episodes under pi_theta, episode k reset with seed TRAIN_SEED_LIMIT + k,
+    a seed training never uses. greedy=True takes the most likely action; otherwise actions are
+    sampled with rng. With gif_path, the first episode is also rendered and written there."""
+    env = trpo.make_env(env_id, render_mode="rgb_array" if gif_path else None)
+    returns = np.zeros(episodes)
+    frames = []
+    for k in range(episodes):
+        obs, _ = env.reset(seed=trpo.TRAIN_SEED_LIMIT + k)
+        done = False
+        while not done:
+            if gif_path and k == 0:
+                frames.append(env.render())
+            logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
+            action = int(np.argmax(logits[0])) if greedy else int(sample(logits, rng.random(1))[0])
+            obs, reward, terminated, truncated, _ = env.step(action)
+            returns[k] += reward
+            done = terminated or truncated
+        if gif_path and k == 0:
+            frames.append(env.render())
+            run_files.write_gif(gif_path, frames, fps=env.metadata.get("render_fps", 50))
+    env.close()
+    return returns
+
+
+def run_evaluation(trpo, path, episodes, greedy, gif_path, env_id=None):
+    """--eval: load a policy, report mean and std of the return and the share of episodes at or
+    above the environment's reward threshold (LunarLander: 200), where it has one."""
+    if gif_path is not None and (os.path.isdir(gif_path) or not gif_path.lower().endswith(".gif")):
+        raise UserError(f"--gif needs a file name ending in .gif, got '{gif_path}'.")
+    net, theta, env_id = load_policy(trpo, path, env_id)
+    returns = evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
+                              gif_path=gif_path)
+    mode = "greedy" if greedy else "sampled"
+    threshold = trpo.reward_threshold(env_id)
+    print(f"{env_id}, {episodes} evaluation episodes ({mode} actions, seeds from {trpo.TRAIN_SEED_LIMIT}): "
+          f"return {returns.mean():.1f} +- {returns.std():.1f}"
+          + (f", {np.mean(returns >= threshold):.0%} at or above {threshold:g}" if threshold is not None else ""))
+    if gif_path:
+        print(f"animation of the first episode written to {gif_path}")
+    return returns
+
+
+# ----------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------
+
+def run_config(trpo, args, typed, given):
+    """The (Config, checkpoint snapshot or None) of a training run: a new one, or --resume's."""
+    if not args.resume:
+        cfg = trpo.scheme_config(**given)
+        if not cfg.out:  # the default folder: numbered, so that running again keeps the last run
+            cfg.out = run_files.unused_folder(cfg.out_dir())
+        return cfg, None
+    saved, cfg = trpo.read_checkpoint(args.resume)
+    fixed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != getattr(cfg, k))
+    if fixed:
+        raise UserError(f"{flag(fixed[0])} cannot change when resuming; the run keeps its saved settings.")
+    overrides = {"out": os.path.dirname(os.path.abspath(args.resume))}
+    overrides.update({k: v for k, v in typed.items() if k in RESUMABLE})
+    return dataclasses.replace(cfg, **overrides), saved
+
+
+def main(argv, trpo):
+    """The command line: train (or --resume), or --eval, with the algorithm module trpo; returns the exit code."""
+    args = build_parser(trpo).parse_args(argv)
+    typed = vars(build_parser(trpo, defaults=False).parse_args(argv))  # only what the user gave
+    config_fields = {f.name for f in dataclasses.fields(trpo.Config)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
+    cfg = None
+    parallel.stop_on_signals()  # from here on Ctrl-C and SIGTERM stop the program (training or --eval)
+    try:
+        parallel.raise_if_stop_requested()  # a Ctrl-C that came, and was lost, while Python was importing
+        training_options = sorted(k for k in given if k != "env")
+        if args.eval and (training_options or args.resume):
+            option = flag(training_options[0]) if training_options else "--resume"
+            raise UserError(f"{option} is for training; with --eval only --env, --episodes, --greedy and --gif "
+                            f"apply (evaluation seeds start at {trpo.TRAIN_SEED_LIMIT}).")
+        eval_options = [name for name in ("episodes", "greedy", "gif") if name in typed]
+        if eval_options and not args.eval:
+            raise UserError(f"{flag(eval_options[0])} goes with --eval FILE; training does not use it.")
+        if args.eval:
+            if args.episodes < 1:
+                raise UserError(f"--episodes must be positive, got {args.episodes}.")
+            run_evaluation(trpo, args.eval, args.episodes, args.greedy, args.gif, typed.get("env"))
+            return 0
+        cfg, resume = run_config(trpo, args, typed, given)
+        validate(cfg)
+        _, _, history = trpo.train(cfg, resume=resume)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except parallel.ProcessFailed as e:
+        checkpoint = run_files.checkpoint_path(cfg.out_dir())
+        print(f"error: {e}; training stopped." + (f" The last finished iteration is saved: continue with  "
+              f"python trpo_numpy.py --resume {checkpoint}" if os.path.exists(checkpoint) else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
+        if args.eval:
+            print("\nevaluation stopped.", file=sys.stderr)
+            return 130
+        checkpoint = run_files.checkpoint_path(cfg.out_dir()) if cfg else None
+        if checkpoint is None or not os.path.exists(checkpoint):
+            print("\nstopped before training began; nothing was saved.", file=sys.stderr)
+            return 130
+        saved = [name for name in ("checkpoint.npz", "progress.csv", "policy.npz", "learning_curve.png")
+                 if os.path.exists(os.path.join(cfg.out_dir(), name))]
+        print(f"stopped: {', '.join(saved)} are in {cfg.out_dir()}\n"
+              f"continue with:  python trpo_numpy.py --resume {checkpoint}", file=sys.stderr)
+        return 130
+    if trpo.solved(history, cfg.stop_return):
+        print(f"solved: the rolling return reached --stop-return {cfg.stop_return:g} at iteration "
+              f"{history[-1]['iteration']}.")
+    print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
+          f"outputs in {cfg.out_dir()}")
+    return 0
