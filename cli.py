@@ -66,7 +66,8 @@ def number(kind):
 
 def vine_default(trpo, name):
     """' (vine: ...)' where the vine's default of a field differs from Config's, else ''."""
-    if name in trpo.SCHEME_DEFAULTS["vine"]:
+    vine = trpo.scheme_config("vine")
+    if getattr(vine, name) != getattr(trpo.Config(), name) and name in trpo.SCHEME_DEFAULTS["vine"]:
         return f" (vine: {trpo.SCHEME_DEFAULTS['vine'][name]})"
     if name == "total_steps":
         return f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
@@ -82,7 +83,7 @@ def build_parser(trpo, defaults=True):
     parser = ArgumentParser(description="Trust Region Policy Optimization (Schulman et al. 2015) in plain NumPy.",
                             formatter_class=HelpFormatter,
                             argument_default=None if defaults else argparse.SUPPRESS)
-    training = parser.add_argument_group("training (paper symbols in parentheses)")
+    training = parser.add_argument_group("training (with the papers' symbols)")
     for f in dataclasses.fields(trpo.Config):
         settings = dict(f.metadata)
         settings["help"] += vine_default(trpo, f.name)

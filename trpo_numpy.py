@@ -63,15 +63,16 @@ class Config:
                          choices=["single", "vine"])
     env: str = option("LunarLander-v3", "Gymnasium environment id, with a flat Box observation and Discrete actions")
     seed: int = option(0, "random seed: the same seed and --workers give the same run, to the bit, on one machine")
-    total_steps: int = option(1_000_000, "environment steps to train for, summed over environments (the vine: "
-                                         "its trunk's)")
+    total_steps: int = option(1_000_000, "environment steps to train for, summed over environments (the vine "
+                                         "counts its trunk's)")
     num_envs: int = option(32, "environments sampled side by side, with one batched policy pass per time step")
     workers: int = option(2, "processes, one per core, each stepping a share of the environments; 1 = this one")
     steps_per_env: int = option(512, "steps per environment per iteration: the batch is num_envs x steps_per_env")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks")
     max_kl: float = option(0.04, "delta, the trust region: the largest mean KL(pi_old || pi_new) of a step (Eq. 12)")
     damping: float = option(0.1, "damping: CG solves (F + damping I) x = g, better conditioned than F x = g")
-    fisher_subsample: int = option(2, "F on every k-th row of the batch in (time, environment) order (an addition)")
+    fisher_subsample: int = option(2, "k: F on every k-th row of the batch in (time, environment) order "
+                                      "(Appendix C subsamples)")
     cg_iters: int = option(10, "conjugate-gradient iterations for x = F^-1 g (Appendix C: about 10 is enough)")
     backtrack_coeff: float = option(0.8, "the line search shrinks the step by this factor at each backtrack")
     max_backtracks: int = option(10, "line-search tries before the step is abandoned and theta_old kept")
@@ -597,7 +598,8 @@ def train_iteration(state, sampler):
     # 3. the scheme's surrogate, over the states the step is taken on
     if cfg.scheme == "vine":  # Eq. (15) or (16) over the rollout set
         states, surrogate_of_logits, branch_values = vine_problem(batch)
-        logits_old, in_return_units = batch["rollout_logits"], surrogate_of_logits  # Q: in the return's units
+        # for the log (progress_row): the surrogate in the return's units, and Theorem 1's eps = max |A|
+        logits_old, in_return_units = batch["rollout_logits"], surrogate_of_logits
         largest_advantage = np.nanmax(np.abs(batch["Q"] - branch_values[:, None]))
         if cfg.vine_bootstrap:  # an addition: V also learns the branches' estimates of V(s_n)
             fit_states = np.concatenate([fit_states, states])
@@ -611,7 +613,7 @@ def train_iteration(state, sampler):
         def surrogate_of_logits(logits):
             return surrogate(logits, actions, logp_old, step_advantages)
 
-        def in_return_units(logits):
+        def in_return_units(logits):  # for the log: the same surrogate with the advantages unscaled
             return surrogate(logits, actions, logp_old, advantages)
         largest_advantage = np.max(np.abs(advantages))
     objective = with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef) if cfg.entropy_coef else surrogate_of_logits
