@@ -78,8 +78,8 @@ class RunFolder:
             self.lock.close()
             raise
         self.history = history
-        self.bar = tqdm(total=settings["total_steps"], initial=history[-1]["env_steps"] if history else 0, unit="step", unit_scale=True,
-                        disable=not verbose, file=sys.stderr)
+        self.bar = tqdm(total=settings["total_steps"], initial=history[-1]["env_steps"] if history else 0,
+                        unit="step", unit_scale=True, disable=not verbose, file=sys.stderr)
 
     def record(self, row, snapshot):
         """One finished iteration: its row in progress.csv, the log line, the bar; and every

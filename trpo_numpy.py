@@ -70,7 +70,8 @@ class Config:
     steps_per_env: int = option(512, "steps per environment per iteration: the batch is num_envs x steps_per_env")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks")
     max_kl: float = option(0.04, "delta, the trust region: the largest mean KL(pi_old || pi_new) of a step (Eq. 12)")
-    damping: float = option(0.1, "damping: CG solves (F + damping I) x = g, better conditioned than F x = g")
+    damping: float = option(0.1, "damping (an addition): CG solves (F + damping I) x = g, better conditioned "
+                                 "than F x = g")
     fisher_subsample: int = option(2, "k: F on every k-th row of the batch in (time, environment) order "
                                       "(Appendix C subsamples)")
     cg_iters: int = option(10, "conjugate-gradient iterations for x = F^-1 g (Appendix C: about 10 is enough)")
