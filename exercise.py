@@ -8,21 +8,36 @@ code, and fail both with the function blanked and with a plausible wrong version
 it (a sign flipped, a term dropped), so a test can never pass by accident.
 EXERCISES.md describes each exercise with its equation and hints.
 
+`mutants` proves the tests themselves: MUTANTS is a list of small, plausible bugs spread over the
+whole algorithm (sampling, advantages, the surrogates, the KL, the Fisher-vector product, CG, the
+step size, the line search, the value function, the vine's restores, common random numbers and
+branch returns, the network's derivatives, the distribution maths). Each is put into a scratch copy
+of the project on its own and the tests named for it must fail; a bug that survives, or whose
+original code no longer occurs exactly once in the file (the list has fallen behind the code), fails
+the command. `verify` runs it after the exercises.
+
 Usage:
   python exercise.py list
   python exercise.py make gae                    # writes exercise-gae/, a copy with gae() blanked
   python exercise.py check gae --from exercise-gae
-  python exercise.py verify                      # every exercise: reference passes, blank and wrong fail
+  python exercise.py verify                      # every exercise: reference passes, blank and wrong fail;
+                                                 # then every mutant is caught
+  python exercise.py mutants                     # only the mutants
 """
 
 import argparse
 import ast
+import concurrent.futures
+import io
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+import tokenize
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +104,7 @@ EXERCISES = [
              u = net.jvp(theta, cache, v)
              w = categorical_fisher_product(probs, u)
              return net.backward(theta, cache, w) + damping * v  # forgets the mean's 1/N
-             """, "(F + lambda I) v from a JVP, the logit-space Fisher and a backward pass"),
+             """, "(F + damping I) v from a JVP, the logit-space Fisher and a backward pass"),
     Exercise("conjugate_gradient", "trpo_numpy.py", "conjugate_gradient",
              ["test_conjugate_gradient_matches_linear_solve",
               "test_conjugate_gradient_stops_on_a_non_positive_curvature"],
@@ -182,6 +197,158 @@ EXERCISES = [
 BY_NAME = {exercise.name: exercise for exercise in EXERCISES}
 
 
+@dataclass
+class Mutant:
+    file: str  # where the bug goes
+    original: str  # code as it is now (code lines, not a docstring or comment), exactly once in the file
+    replacement: str  # the bug
+    tests: list  # tests that must catch it (the first is expected to), in test_trpo.py unless "file::name"
+    description: str
+
+
+# Plausible bugs, each a small change that still runs, in the order of the paper. They differ from the
+# exercises' wrong versions above. The six marked "issue 16" passed all 96 tests of the suite before the
+# tests named for them were written; so did three more (the vine's value targets without 1/q, the first
+# N/k rows for the Fisher, CG going on through negative curvature), before their tests were strengthened.
+MUTANTS = [
+    # Sampling (Sec. 5.1): terminated vs truncated
+    Mutant("trpo_numpy.py", 'batch["terminated"][t, e] = terminated',
+           'batch["terminated"][t, e] = terminated or truncated',
+           ["test_sampler_keeps_the_final_observation_of_a_truncated_episode"],
+           "the sampler records a time-limit end as terminated"),
+    # Advantages (GAE paper Eq. 16, the return-to-go)
+    Mutant("trpo_numpy.py", "next_advantage = delta + gamma * lam * continues * next_advantage",
+           "next_advantage = delta + gamma * lam * ~terminated[t] * next_advantage",
+           ["test_gae_on_a_hand_computed_trajectory"],
+           "GAE's sum runs on across a time limit into the next episode"),
+    Mutant("trpo_numpy.py", "tail = np.where(ended, next_values[t], next_return)", "tail = next_return",
+           ["test_monte_carlo_returns_on_a_hand_computed_trajectory"],
+           "the return-to-go of a truncated episode bootstraps with the next episode's return"),
+    # The surrogates: Eq. (14), (15), (16)
+    Mutant("trpo_numpy.py", "ratio = np.exp(log_prob(logits, actions) - logp_old)",
+           "ratio = np.exp(logp_old - log_prob(logits, actions))",
+           ["test_surrogate_gradient_matches_finite_differences"],
+           "Eq. (14)'s ratio upside down: pi_old / pi_theta"),
+    Mutant("trpo_numpy.py", "return float(V.mean()), p * (Q - V) / len(Q)", "return float(V.mean()), p * (Q - V)",
+           ["test_all_actions_gradient_matches_finite_differences"],
+           "Eq. (15)'s gradient is a sum over states, its value a mean"),
+    Mutant("trpo_numpy.py", "c = w / W * (Q - L_n)", "c = w / W * Q",
+           ["test_importance_sampled_gradient_matches_finite_differences"],
+           "Eq. (16)'s gradient forgets the self-normalisation's baseline L_n"),
+    Mutant("trpo_numpy.py", "q_drawn[t, e] = softmax(q_logits[None])[0, actions]",
+           "q_drawn[t, e] = softmax(self.logits[e][None])[0, actions]",
+           ["test_the_sampled_vine_surrogate_weights_each_branch_by_pi_theta_over_q"],
+           "Eq. (16) weights by pi_theta / pi_old when the actions were drawn uniformly (issue 16, bug 6)"),
+    Mutant("trpo_numpy.py", 'w = np.take_along_axis(p_old, action_sets, axis=1) / batch["proposal"]',
+           "w = np.take_along_axis(p_old, action_sets, axis=1)",
+           ["test_vine_value_targets_are_the_surrogate_at_theta_old"],
+           "the vine's value targets forget to divide by q"),
+    # The mean KL of Eq. (12)
+    Mutant("trpo_numpy.py", "return np.mean(kl(logits_old, logits_new))",
+           "return np.mean(kl(logits_new, logits_old))",
+           ["test_mean_kl_is_the_mean_over_states_of_kl_from_old_to_new"],
+           "mean_kl is KL(new || old) (issue 16, bug 1)"),
+    # The Fisher-vector product (Appendix C.1)
+    Mutant("network.py", "return p * u - p * (p * u).sum(axis=-1, keepdims=True)", "return p * u - p * (p * u).sum()",
+           ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
+           "the logit-space Fisher sums p . u over the whole batch, not per state"),
+    Mutant("trpo_numpy.py",
+           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_probs, v, cfg.damping)",
+           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_probs, v, cfg.damping) + cfg.damping * v",
+           ["test_trpo_step_is_the_natural_gradient_step_of_an_explicit_fisher"],
+           "trpo_step's Fisher-vector product adds the damping a second time (issue 16, bug 2)"),
+    Mutant("trpo_numpy.py",
+           "fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]\n"
+           "    fisher_probs = probs_old[::cfg.fisher_subsample]",
+           "fisher_cache = [np.ascontiguousarray(h[:len(h) // cfg.fisher_subsample]) for h in cache]\n"
+           "    fisher_probs = probs_old[:len(probs_old) // cfg.fisher_subsample]",
+           ["test_fisher_subsample_uses_every_kth_state"],
+           "the Fisher subsample takes the first N/k rows of the batch, not every k-th"),
+    # Conjugate gradient
+    Mutant("trpo_numpy.py", "r_dot_r = new_r_dot_r", "pass",
+           ["test_conjugate_gradient_matches_linear_solve"],
+           "CG keeps the first r.r instead of carrying each new one on"),
+    Mutant("trpo_numpy.py", "if not p_Ap > 1e-12 * (p @ p):", "if abs(p_Ap) <= 1e-12 * (p @ p):",
+           ["test_conjugate_gradient_stops_on_a_non_positive_curvature"],
+           "CG guards against p^T A p = 0 but goes on through negative curvature"),
+    # The step size (Appendix C)
+    Mutant("trpo_numpy.py", "full_step = maximal_step(x, x_F_x, cfg.max_kl)",
+           "full_step = maximal_step(g, x_F_x, cfg.max_kl)",
+           ["test_trpo_step_is_the_natural_gradient_step_of_an_explicit_fisher"],
+           "the full step points along the plain gradient g, not x = F^-1 g"),
+    # The line search
+    Mutant("trpo_numpy.py", "return theta_new, info",
+           "return (theta_old + full_step if ok else theta_old), info",
+           ["test_trpo_step_stays_in_the_trust_region_and_improves",
+            "test_the_step_returns_the_logits_of_the_theta_it_returns"],
+           "the line search's result thrown away: the full step is taken (modular_rl, wojzaremba/trpo)"),
+    Mutant("trpo_numpy.py", "return False, theta_old, 0.0, 0.0, max_backtracks",
+           "return False, theta, 0.0, 0.0, max_backtracks",
+           ["test_line_search_returns_theta_old_when_nothing_is_accepted"],
+           "a failed line search keeps its last rejected try (tianshou, before its fix)"),
+    Mutant("trpo_numpy.py", "if kl_reached <= max_kl and improvement > min_improvement:",
+           "if kl_reached <= max_kl:",
+           ["test_line_search_returns_theta_old_when_nothing_is_accepted"],
+           "the line search accepts a step that makes the surrogate worse"),
+    Mutant("trpo_numpy.py", "min_improvement=1e-10 * max(1.0, abs(L_old)))", "min_improvement=0.0)",
+           ["test_no_step_is_taken_when_every_action_is_equally_good"],
+           "the line search accepts an 'improvement' of rounding noise"),
+    # The value function
+    Mutant("trpo_numpy.py", "b[:] = (self.std * b + self.mean - mean) / std", "b[:] = (b + self.mean - mean) / std",
+           ["test_value_rescaling_preserves_every_prediction"],
+           "rescaling V's output drops the old std from the bias (issue 16, bug 3)"),
+    Mutant("trpo_numpy.py", "scaled = (targets - self.mean) / self.std", "scaled = targets - self.mean",
+           ["test_value_fit_learns_large_targets"],
+           "the value fit centres its targets but forgets to divide them by their std"),
+    # The vine (Sec. 5.2): restoring states, common random numbers, a branch's return
+    Mutant("trpo_numpy.py", "env.reset(seed=seed)", "env.reset()",
+           ["test_fork_and_replay_restore_a_lander_state_bit_for_bit"],
+           "replay resets without the episode's seed"),
+    Mutant("trpo_numpy.py", "self.episode_actions[e] = []", "pass",
+           ["test_vine_sampler_fork_and_replay_give_the_same_q"],
+           "a new episode keeps the last one's actions for replay"),
+    Mutant("trpo_numpy.py",
+           "self.envs[e], a, net, theta, uniforms[row[t, e]], gamma, value_fn, lam))\n"
+           "                else:\n"
+           "                    env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])\n"
+           "                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[row[t, e]], gamma, "
+           "value_fn,",
+           "self.envs[e], a, net, theta, np.roll(uniforms[row[t, e]], a), gamma, value_fn, lam))\n"
+           "                else:\n"
+           "                    env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])\n"
+           "                    results[(t, e, a)] = branch_rollout(env, a, net, theta, "
+           "np.roll(uniforms[row[t, e]], a), gamma, value_fn,",
+           ["test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms"],
+           "each branch reads its state's uniforms rotated by its action: no common random numbers (issue 16, "
+           "bug 5)"),
+    Mutant("trpo_numpy.py", "if terminated:", "if terminated or truncated:",
+           ["test_a_branch_cut_by_the_time_limit_bootstraps_with_v_where_it_was_cut"],
+           "a branch cut by the time limit gets V = 0, as if terminated (issue 16, bug 4)"),
+    Mutant("trpo_numpy.py", "G = reward + gamma * ((1 - lam) * value + lam * G)",
+           "G = reward + gamma * (lam * value + (1 - lam) * G)",
+           ["test_branch_lambda_return_is_the_weighted_mean_of_n_step_returns"],
+           "the branch's lambda-return swaps lam and 1 - lam"),
+    Mutant("trpo_numpy.py", "gamma ** np.arange(len(rewards))", "gamma ** np.arange(1, len(rewards) + 1)",
+           ["test_branch_rollout_discounts_and_bootstraps"],
+           "the branch's Monte-Carlo Q discounts its first reward too"),
+    # The network's derivatives
+    Mutant("network.py", "grads[l] = (h_in.T @ delta, delta.sum(axis=0))",
+           "grads[l] = (h_in.T @ delta, delta.mean(axis=0))",
+           ["test_backward_matches_finite_differences"],
+           "backprop averages the bias gradient over the batch"),
+    Mutant("network.py", "u = (1.0 - cache[l + 1] ** 2) * da", "u = (1.0 - cache[l + 1]) ** 2 * da",
+           ["test_jvp_matches_finite_differences"],
+           "the JVP's tanh' misplaces a bracket: (1 - h)^2"),
+    # The categorical distribution
+    Mutant("network.py", "cdf = np.cumsum(softmax(z), axis=-1)", "cdf = softmax(z)",
+           ["test_sample_follows_the_probabilities_within_4_sigma"],
+           "sampling compares u with the probabilities, not their cumulative sum"),
+    Mutant("network.py", "return e / e.sum(axis=-1, keepdims=True)", "return e / e.sum()",
+           ["test_categorical_helpers_match_definitions"],
+           "softmax normalises over the whole batch, not each state"),
+]
+
+
 def find_function(tree, qualified_name):
     """The FunctionDef node of `name` or `Class.name` in a module's syntax tree."""
     *classes, name = qualified_name.split(".")
@@ -224,11 +391,16 @@ def copy_project(source_dir, target_dir, exercise=None, body=None):
             f.write(replace_body(source, exercise.function, body))
 
 
-def run_tests(directory, tests):
-    """Run the named tests of test_trpo.py in `directory`; returns (all passed, pytest's report)."""
-    ids = [f"test_trpo.py::{name}" for name in tests]
+def run_tests(directory, tests, stop_at_first_failure=False):
+    """Run the named tests (of test_trpo.py, or "file::name") in `directory`, in the order given;
+    returns (all passed, pytest's report). BLAS gets one thread: its matrices are tiny, and `verify`
+    runs two of these at once."""
+    ids = [name if "::" in name else f"test_trpo.py::{name}" for name in tests]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--tb=short", "-rfE", "--no-header",
-                             "-p", "no:cacheprovider", *ids], cwd=directory, capture_output=True, text=True)
+                             "-p", "no:cacheprovider", *(["-x"] if stop_at_first_failure else []), *ids],
+                            cwd=directory, capture_output=True, text=True,
+                            env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                                 "MKL_NUM_THREADS": "1", "COLUMNS": "1000"})  # summary lines in full
     return result.returncode == 0, result.stdout + result.stderr
 
 
@@ -290,9 +462,99 @@ def command_verify(args):
             print(f"{exercise.name:30s} reference passes, " + ", ".join(verdicts))
     if unsound:
         print(f"{unsound} unsound exercise version(s): a test passed that must fail")
-        return 1
-    print(f"{len(EXERCISES)} exercises verified")
-    return 0
+    else:
+        print(f"{len(EXERCISES)} exercises verified")
+    print()
+    mutants_failed = command_mutants(args)
+    return 1 if unsound or mutants_failed else 0
+
+
+def prose_spans(source):
+    """(start, end) character offsets of the docstrings and comments of a Python source."""
+    line_starts = [0]
+    for line in source.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    spans = [(line_starts[token.start[0] - 1] + token.start[1], line_starts[token.end[0] - 1] + token.end[1])
+             for token in tokenize.generate_tokens(io.StringIO(source).readline)
+             if token.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                # whole lines: in this project no code shares a line with a docstring
+                spans.append((line_starts[first.lineno - 1], line_starts[first.end_lineno]))
+    return spans
+
+
+def code_occurrences(source, text):
+    """The offsets at which `text` occurs in the code of `source`, outside docstrings and comments."""
+    spans = prose_spans(source)
+    found, start = [], source.find(text)
+    while start != -1:
+        if not any(a <= start < b for a, b in spans):
+            found.append(start)
+        start = source.find(text, start + 1)
+    return found
+
+
+def try_mutant(mutant, directory):
+    """Put one bug into a copy of the project in `directory` and run its tests, stopping at the first failure.
+    Returns (verdict, the line to print): verdict "caught", "SURVIVED" or "BROKEN"."""
+    copy_project(HERE, directory)
+    path = os.path.join(directory, mutant.file)
+    with open(path) as f:
+        source = f.read()
+    at, = code_occurrences(source, mutant.original)
+    with open(path, "w") as f:
+        f.write(source[:at] + mutant.replacement + source[at + len(mutant.original):])
+    passed, report = run_tests(directory, mutant.tests, stop_at_first_failure=True)
+    if passed:
+        return "SURVIVED", "SURVIVED: every named test passed"
+    failure = re.search(r"^(?:FAILED|ERROR) \S+?::(\S+)(?: - (\w+))?", report, re.MULTILINE)
+    if failure is None:  # the tests did not even run: an import or collection error
+        return "BROKEN", "BROKEN: the tests could not run with it:\n" + textwrap.indent(report.strip()[-1500:], "    ")
+    test, error = failure.group(1), failure.group(2) or "error"
+    how = "an assertion" if error in ("assert", "AssertionError") else error  # else it crashed: still caught
+    return "caught", f"caught by {test} ({how})"
+
+
+def command_mutants(args):
+    """Every bug of MUTANTS must make one of its named tests fail; its original code must occur exactly once."""
+    started = time.perf_counter()
+    sources = {}
+    for name in {mutant.file for mutant in MUTANTS}:
+        with open(os.path.join(HERE, name)) as f:
+            sources[name] = f.read()
+    stale = {i for i, mutant in enumerate(MUTANTS)
+             if len(code_occurrences(sources[mutant.file], mutant.original)) != 1}
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        reference = os.path.join(tmp, "reference")
+        copy_project(HERE, reference)
+        all_tests = list(dict.fromkeys(test for mutant in MUTANTS for test in mutant.tests))
+        reference_run = pool.submit(run_tests, reference, all_tests)
+        runs = {i: pool.submit(try_mutant, mutant, os.path.join(tmp, f"mutant-{i}"))
+                for i, mutant in enumerate(MUTANTS) if i not in stale}
+        reference_ok, report = reference_run.result()
+        if not reference_ok:
+            print(report)
+            print("the reference code fails the mutants' tests: a failure would prove nothing")
+            for run in runs.values():
+                run.cancel()
+            return 1
+        counts = {"caught": 0, "SURVIVED": 0, "BROKEN": 0, "stale": len(stale)}
+        for i, mutant in enumerate(MUTANTS):
+            if i in stale:
+                n = len(code_occurrences(sources[mutant.file], mutant.original))
+                line = f"NO LONGER APPLIES: its original code occurs {n} times in {mutant.file}, not once"
+            else:
+                verdict, line = runs[i].result()
+                counts[verdict] += 1
+            print(f"{i + 1:2d}. {mutant.file:13s} {mutant.description}: {line}")
+    seconds = time.perf_counter() - started
+    print(f"{len(MUTANTS)} bugs: {counts['caught']} caught, {counts['SURVIVED']} survived, "
+          f"{counts['stale']} no longer apply, {counts['BROKEN']} broken ({seconds:.0f} s)")
+    return 0 if counts["caught"] == len(MUTANTS) else 1
 
 
 def main(argv=None):
@@ -308,10 +570,12 @@ def main(argv=None):
     check.add_argument("name", choices=list(BY_NAME))
     check.add_argument("--from", dest="source", help="the student's folder (default exercise-NAME)")
     commands.add_parser("verify", help="prove every exercise's tests pass on the reference and fail when "
-                                       "the function is blanked or wrong")
+                                       "the function is blanked or wrong; then run the mutants")
+    commands.add_parser("mutants", help="put each plausible bug of MUTANTS into a copy of the code and prove "
+                                        "that its tests fail")
     args = parser.parse_args(argv)
     return {"list": command_list, "make": command_make, "check": command_check,
-            "verify": command_verify}[args.command](args) or 0
+            "verify": command_verify, "mutants": command_mutants}[args.command](args) or 0
 
 
 if __name__ == "__main__":

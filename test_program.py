@@ -632,6 +632,39 @@ def test_exercise_make_never_deletes_a_students_work(tmp_path):
     assert into_a_file.returncode == 2 and "is a file" in into_a_file.stderr
 
 
+def test_exercise_mutants_fails_on_a_bug_that_survives_or_no_longer_applies(monkeypatch, capsys):
+    """exercise.py mutants (run by verify) puts each bug of its list into a copy of the code: it exits 0 only
+    when every bug makes a named test fail. With a caught bug, one that changes nothing (it survives), one
+    whose code is nowhere in the file, one whose text occurs only in a docstring (not code), and one that
+    occurs more than once, it returns 1 and prints one line per bug and a summary saying so; with the caught
+    bug alone, 0."""
+    import exercise
+    softmax_line = "return e / e.sum(axis=-1, keepdims=True)"
+    caught = exercise.Mutant("network.py", softmax_line, "return e / e.sum()",
+                             ["test_categorical_helpers_match_definitions"], "softmax over the batch")
+    bugs = [caught,
+            exercise.Mutant("network.py", softmax_line, softmax_line + " * 1.0",
+                            ["test_categorical_helpers_match_definitions"], "a change that changes nothing"),
+            exercise.Mutant("network.py", "return e / e.total()", "return e",
+                            ["test_categorical_helpers_match_definitions"], "code that is not there"),
+            exercise.Mutant("network.py", "sum_a p_old,a (log p_old,a - log p_new,a)", "0",
+                            ["test_categorical_helpers_match_definitions"], "text only in a docstring"),
+            exercise.Mutant("network.py", "softmax(z)", "z", ["test_categorical_helpers_match_definitions"],
+                            "text in several places")]
+    monkeypatch.setattr(exercise, "MUTANTS", bugs)
+    assert exercise.command_mutants(None) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    assert "caught by test_categorical_helpers_match_definitions (an assertion)" in lines[0]
+    assert "SURVIVED" in lines[1]
+    assert "NO LONGER APPLIES: its original code occurs 0 times" in lines[2] and "0 times" in lines[3]
+    assert "NO LONGER APPLIES" in lines[4] and "0 times" not in lines[4]
+    assert lines[5].startswith("5 bugs: 1 caught, 1 survived, 3 no longer apply, 0 broken")
+    monkeypatch.setattr(exercise, "MUTANTS", [caught])
+    assert exercise.command_mutants(None) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("1 bugs: 1 caught, 0 survived")
+
+
 def test_bench_refuses_bad_input_in_one_sentence(tmp_path):
     """bench.py with --total-steps 0, or with --out naming a file: exit code 2 and one line on stderr, no
     traceback."""

@@ -339,6 +339,23 @@ def test_kl_of_a_policy_with_itself_is_zero(small_net):
     assert T.mean_kl(logits, net.forward(theta * 1.1, x)[0]) > 0
 
 
+def test_mean_kl_is_the_mean_over_states_of_kl_from_old_to_new():
+    """TRPO Eq. (12): the constraint KLbar(theta_old, theta) = mean_s KL(pi_old(.|s) || pi_theta(.|s)), old
+    first. T.mean_kl(logits_old, logits_new) equals the mean over two states of the sums worked out by hand
+    (0.638), and with the arguments the other way round it is the reversed direction, KL(new || old) (0.588)."""
+    p_old = np.array([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]])
+    p_new = np.array([[0.1, 0.3, 0.6], [0.25, 0.25, 0.5]])
+    by_hand = (0.7 * np.log(0.7 / 0.1) + 0.2 * np.log(0.2 / 0.3) + 0.1 * np.log(0.1 / 0.6)  # state 1
+               + 0.5 * np.log(0.5 / 0.25) + 0.25 * np.log(0.25 / 0.25) + 0.25 * np.log(0.25 / 0.5)) / 2  # state 2
+    reversed_by_hand = (0.1 * np.log(0.1 / 0.7) + 0.3 * np.log(0.3 / 0.2) + 0.6 * np.log(0.6 / 0.1)
+                        + 0.25 * np.log(0.25 / 0.5) + 0.25 * np.log(0.25 / 0.25) + 0.5 * np.log(0.5 / 0.25)) / 2
+    assert abs(by_hand - reversed_by_hand) > 1e-3  # KL is not symmetric here, so the direction shows
+    # logits are log-probabilities plus any constant per state: shift them to be sure softmax is applied
+    z_old, z_new = np.log(p_old) + np.array([[1.0], [-2.0]]), np.log(p_new) + np.array([[3.0], [0.5]])
+    assert np.isclose(T.mean_kl(z_old, z_new), by_hand, rtol=1e-12)
+    assert np.isclose(T.mean_kl(z_new, z_old), reversed_by_hand, rtol=1e-12)
+
+
 def test_surrogate_gradient_matches_finite_differences(small_net, rng):
     """TRPO Eq. (14) with q = pi_old and advantages in place of Q: the analytic gradient (dL/dlogits,
     backpropagated) matches finite differences both at theta_old (ratio 1) and at a perturbed theta (ratio !=
@@ -411,12 +428,22 @@ def test_conjugate_gradient_matches_linear_solve(rng):
 
 
 def test_conjugate_gradient_stops_on_a_non_positive_curvature():
-    """On an indefinite matrix (p^T A p = 0 along the first direction) conjugate gradient returns finite
-    numbers instead of dividing by zero; only finiteness is checked, not which vector comes back."""
-    # An indefinite "Fisher" must not make CG divide by ~0 or return infinities.
-    A = np.diag([1.0, -1.0])
-    x = T.conjugate_gradient(lambda v: A @ v, np.array([1.0, 1.0]), iters=10)
-    assert np.all(np.isfinite(x))
+    """Conjugate gradient (Appendix C) on indefinite matrices stops at the first direction p with p^T A p <= 0
+    and returns the iterate it had, worked out by hand: nothing (x = 0) when the very first direction has p^T
+    A p = 0 or < 0, and the first CG iterate x = (2, 2) when the second direction has p^T A p = -72; in each
+    case after exactly as many products as directions tried, of the 10 allowed."""
+    def solve(A, b):
+        products = []
+        x = T.conjugate_gradient(lambda v: products.append(v) or A @ v, b, iters=10)
+        return x, len(products)
+    # p = b = (1, 1) has p^T A p = 0, then -2: stop before any step
+    for A in (np.diag([1.0, -1.0]), np.diag([1.0, -3.0])):
+        x, products = solve(A, np.array([1.0, 1.0]))
+        assert np.array_equal(x, [0.0, 0.0]) and products == 1
+    # A = diag(2, -1), b = (1, 1): p^T A p = 1, alpha = r.r / p^T A p = 2, x = (2, 2), r = b - 2 A p = (-3, 3);
+    # the next direction p = r + (18 / 2) p = (6, 12) has p^T A p = 72 - 144 = -72: stop, keep x = (2, 2).
+    x, products = solve(np.diag([2.0, -1.0]), np.array([1.0, 1.0]))
+    assert np.array_equal(x, [2.0, 2.0]) and products == 2
 
 
 def test_maximal_step_puts_the_quadratic_kl_model_at_delta(rng):
@@ -464,37 +491,77 @@ def test_line_search_returns_theta_old_when_nothing_is_accepted():
 # ----------------------------------------------------------------------------
 
 def test_trpo_step_stays_in_the_trust_region_and_improves(rng):
-    """trpo_step (Algorithm 1, solved as in Appendix C) on a random batch: the step is accepted with 0 < KLbar
-    <= delta and improves the Eq. (14) surrogate, both recomputed here by forward passes, and info's kl and
-    actual_improve equal them. The last check (KL above delta / 2) is conditional: it runs only when the line
-    search did not backtrack."""
+    """trpo_step (Sec. 6, solved as in Appendix C) on a random batch: the step is accepted with 0 < KLbar <=
+    delta and improves the Eq. (14) surrogate, both recomputed here by forward passes, and info's kl and
+    actual_improve equal them. With damping as small as 1e-4 the full step reaches a KL far above delta (about
+    16 delta here), so the line search backtracks: the try before the accepted one, 1/0.8 times as long, broke
+    the constraint."""
     net = MLP([4, 8, 3])
     theta = net.init(rng, output_gain=0.5)
     states, actions, logp_old, advantages = random_policy_batch(net, theta, rng, n=200)
-    # every state in F and little damping: the quadratic model is the KL's own
+    # Every state in F and little damping: x = (F + damping I)^-1 g then moves far along directions in which
+    # F is nearly flat, where the quadratic model 1/2 s^T F s misses the KL's higher-order terms.
     cfg = T.Config(max_kl=0.01, cg_iters=20, damping=1e-4, fisher_subsample=1)
 
     def surrogate_of_logits(logits):
         return T.surrogate(logits, actions, logp_old, advantages)
     theta_new, info = T.trpo_step(net, theta, states, surrogate_of_logits, cfg)
-    L_old = surrogate_of_logits(net.forward(theta, states)[0])[0]
+    logits_old = net.forward(theta, states)[0]
+    L_old = surrogate_of_logits(logits_old)[0]
     L_new = surrogate_of_logits(net.forward(theta_new, states)[0])[0]
-    kl_new = T.mean_kl(net.forward(theta, states)[0], net.forward(theta_new, states)[0])
+    kl_new = T.mean_kl(logits_old, net.forward(theta_new, states)[0])
     assert info["accepted"] and 0 < kl_new <= cfg.max_kl
     assert np.isclose(info["kl"], kl_new) and np.isclose(info["actual_improve"], L_new - L_old)
     assert L_new > L_old
-    # The quadratic model sets the step: the KL reached is near delta when nothing backtracks.
-    if info["backtracks"] == 0:
-        assert kl_new > 0.5 * cfg.max_kl
+    # The line search shrank the step, and only as far as it had to: the previous try was outside the region.
+    assert info["backtracks"] > 0
+    previous_try = theta + (theta_new - theta) / cfg.backtrack_coeff
+    assert T.mean_kl(logits_old, net.forward(previous_try, states)[0]) > cfg.max_kl
 
 
-def test_no_step_is_taken_when_every_action_is_equally_good(rng):
+def natural_gradient_step(net, theta, states, surrogate_of_logits, damping, max_kl, fisher_rows):
+    """The full step of Appendix C from explicit matrices: g by finite differences of the surrogate, F built
+    from per-sample Jacobians on the states fisher_rows, x = np.linalg.solve(F + damping I, g) and beta =
+    sqrt(2 delta / x^T (F + damping I) x). Returns beta x."""
+    g = numerical_gradient(lambda th: surrogate_of_logits(net.forward(th, states)[0])[0], theta)
+    A = explicit_fisher(net, theta, states[fisher_rows]) + damping * np.eye(net.num_params)
+    x = np.linalg.solve(A, g)
+    return np.sqrt(2 * max_kl / (x @ A @ x)) * x
+
+
+def test_trpo_step_is_the_natural_gradient_step_of_an_explicit_fisher(rng):
+    """TRPO Appendix C, steps 2-4 of trpo_step: the full step is beta x with x = (F + damping I)^-1 g and beta
+    = sqrt(2 delta / x^T (F + damping I) x), for F the Fisher built as an explicit matrix from per-sample
+    Jacobians (finite differences) and g the surrogate's finite-difference gradient, solved by
+    np.linalg.solve. At the default damping 0.1 (damping it twice would move the step by about 30% here); to
+    a relative 1e-6, both without the trust region and with a line search whose first try is accepted."""
+    net = MLP([3, 5, 3])
+    theta = net.init(rng, output_gain=0.5) + 0.1 * rng.standard_normal(net.num_params)
+    # advantages of size 1000: the step does not depend on their scale (it is rescaled to delta), but CG's
+    # absolute stopping rule r^T r < 1e-10 then stops it far closer to the solution than the 1e-6 checked
+    states, actions, logp_old, advantages = random_policy_batch(net, theta, rng, n=40)
+
+    def surrogate_of_logits(logits):
+        return T.surrogate(logits, actions, logp_old, 1000 * advantages)
+    damping, max_kl = 0.1, 0.01
+    expected = natural_gradient_step(net, theta, states, surrogate_of_logits, damping, max_kl, slice(None))
+    for trust_region in (False, True):
+        cfg = T.Config(max_kl=max_kl, damping=damping, fisher_subsample=1, cg_iters=2 * net.num_params,
+                       trust_region=trust_region)
+        theta_new, info = T.trpo_step(net, theta, states, surrogate_of_logits, cfg)
+        assert info["accepted"] and info["backtracks"] == 0, trust_region  # the full step, untouched
+        assert relative_error(theta_new - theta, expected) < 1e-6, trust_region
+
+
+def test_no_step_is_taken_when_every_action_is_equally_good():
     """With Eq. (15)'s all-actions surrogate and the same Q for every action the true gradient is zero: for 20
-    seeds trpo_step keeps theta_old exactly and reports no accepted step, instead of a step of KL up to
-    delta on rounding noise."""
+    seeds trpo_step keeps theta_old exactly and reports no accepted step, instead of a step in a direction
+    set by rounding noise."""
     # Eq. (15) with equal Q for every action: the true gradient is zero, the computed one rounding
-    # noise; a line search that accepts any improvement > 0 takes a random step of KL up to delta.
-    # (Without the threshold, 15 of these 20 seeds took such a step.)
+    # noise; a line search that accepts any improvement > 0 takes a step that "improves" L by rounding
+    # (1e-14 here). Without the threshold, 15 of these 20 seeds took such a step; their KLs were tiny
+    # (1e-7 to 7e-6, against delta = 0.05: the noise lies where the policy barely changes), but the
+    # step is noise and the log would call it accepted.
     net = MLP([8, 64, 64, 4])
     Q = np.full((256, 4), -123.456)
     for seed in range(20):
@@ -563,12 +630,29 @@ def test_no_trust_region_takes_the_step_the_line_search_refuses(small_net, rng):
 
 
 def test_fisher_subsample_uses_every_kth_state(small_net, rng):
-    """cfg.fisher_subsample: a Fisher estimated on every 3rd state gives another step than one on every state
-    (so the setting is used), and both steps are accepted with KLbar <= delta. Which states are used is not
-    checked."""
+    """cfg.fisher_subsample = k estimates F (Appendix C.1) on every k-th row of the batch in (time,
+    environment) row-major order: with 4 environments and k = 2, every time step of environments 0 and 2.
+    trpo_step's full step equals the natural-gradient step with F built explicitly from exactly those states
+    (and differs from the one with F on every state); with the trust region, both k = 1 and k = 3 give
+    accepted steps with KLbar <= delta and different parameters."""
     net, theta, _ = small_net
-    states, actions, logp_old, advantages = random_policy_batch(net, theta, rng, n=60)
+    steps, envs = 15, 4
+    batch_obs = rng.standard_normal((steps, envs, 3))  # (time, environment, observation) as a sampler gives
+    states = batch_obs.reshape(-1, 3)  # row-major: row t * envs + e
+    logits = net.forward(theta, states)[0]
+    actions = sample(logits, rng.random(len(states)))
+    logp_old, advantages = log_prob(logits, actions), 1000 * rng.standard_normal(len(states))
     surrogate_of_logits = lambda z: T.surrogate(z, actions, logp_old, advantages)  # noqa: E731
+    even_environments = [t * envs + e for t in range(steps) for e in (0, 2)]
+    cfg = T.Config(fisher_subsample=2, trust_region=False, cg_iters=2 * net.num_params)
+    step = T.trpo_step(net, theta, states, surrogate_of_logits, cfg)[0] - theta
+    expected = natural_gradient_step(net, theta, states, surrogate_of_logits, cfg.damping, cfg.max_kl,
+                                     even_environments)
+    assert relative_error(step, expected) < 1e-6
+    every_state = natural_gradient_step(net, theta, states, surrogate_of_logits, cfg.damping, cfg.max_kl,
+                                        slice(None))
+    assert relative_error(step, every_state) > 1e-3  # so the check above tells the rows apart
+    # With the trust region: both are accepted inside it, and they differ.
     a, info_a = T.trpo_step(net, theta, states, surrogate_of_logits, T.Config(fisher_subsample=1))
     b, info_b = T.trpo_step(net, theta, states, surrogate_of_logits, T.Config(fisher_subsample=3))
     assert info_a["accepted"] and info_b["accepted"]
@@ -581,13 +665,19 @@ def test_fisher_subsample_uses_every_kth_state(small_net, rng):
 # ----------------------------------------------------------------------------
 
 def test_value_rescaling_preserves_every_prediction(rng):
-    """Output rescaling (the 'preserving outputs' half of PopArt, used by ValueFunction): moving the target
-    mean and std to -57 and 31 rescales the output layer so that every prediction stays the same to 1e-12."""
+    """Output rescaling (the 'preserving outputs' half of PopArt, used by ValueFunction): from a network whose
+    output bias is not zero, moving the target mean and std to (-57, 31), then to (12, 0.5), then back to (0,
+    1) rescales the output layer so that every prediction V(s) = mean + std * V_phi(s) stays the same to
+    1e-12 at each change (the later changes start from a mean and std other than 0 and 1)."""
     value_fn = T.ValueFunction(MLP([3, 6, 1]), rng, lr=1e-3)
+    value_fn.phi = rng.standard_normal(value_fn.net.num_params)  # every weight and bias non-zero
+    assert value_fn.net.unflatten(value_fn.phi)[-1][1][0] != 0.0
     states = rng.standard_normal((20, 3))
     before = value_fn.predict(states)
-    value_fn.set_target_scale(-57.0, 31.0)
-    assert np.allclose(value_fn.predict(states), before, rtol=1e-12, atol=1e-12)
+    for mean, std in ((-57.0, 31.0), (12.0, 0.5), (0.0, 1.0)):
+        value_fn.set_target_scale(mean, std)
+        assert (value_fn.mean, value_fn.std) == (mean, std)
+        assert np.allclose(value_fn.predict(states), before, rtol=1e-12, atol=1e-12), (mean, std)
 
 
 def test_value_fit_learns_large_targets(rng):
@@ -697,6 +787,39 @@ def test_common_random_numbers_give_equal_q_for_equal_actions(rng):
     assert q["a"][1] == 50
 
 
+@pytest.mark.parametrize("restore", [pytest.param("fork", marks=needs_fork), "replay"])
+def test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms(monkeypatch, restore):
+    """TRPO Sec. 5.2 common random numbers, as the vine's trunk hands them out: every branch from one rollout
+    state receives the same stream of uniforms, the row of `uniforms` that belongs to that state (row i for
+    the i-th rollout state in row-major (t, e) order), and different states receive different rows; for
+    branches on every action (Eq. 15) and on K = 3 actions drawn from q (Eq. 16), states restored by fork or
+    by replay. A stand-in for branch_rollout reports a fingerprint of the stream it was given as its Q."""
+    weights = np.random.default_rng(7).standard_normal(5)
+
+    def fingerprint(env, first_action, net, theta, uniforms, *args):
+        return float(uniforms @ weights), len(uniforms)  # as (Q, steps): the stream, recognisable
+    monkeypatch.setattr(T, "branch_rollout", fingerprint)
+    net = MLP([8, 8, 4])
+    theta = net.init(np.random.default_rng(0), output_gain=1.0)
+    rollout = np.zeros((12, 2), dtype=bool)
+    rollout[[1, 4, 4, 9, 11], [0, 0, 1, 1, 0]] = True  # two of them at the same time step
+    states = list(zip(*np.nonzero(rollout)))  # row-major (t, e) order: (1, 0), (4, 0), (4, 1), (9, 1), (11, 0)
+    uniforms = np.random.default_rng(1).random((len(states), 5))
+    expected = [row @ weights for row in uniforms]  # the stand-in's own sum, to the bit
+    assert len(np.unique(expected)) == len(states)  # distinct streams have distinct fingerprints
+    for draws in (None, np.random.default_rng(2).random((len(states), 3))):
+        trunk = T.VineTrunk("LunarLander-v3", [1, 2], [3, 4], restore)
+        try:
+            batch = trunk.sample(net, theta, 12, rollout, uniforms, draws, "uniform", 0.99, None, 1.0)
+        finally:
+            trunk.close()
+        for i, (t, e) in enumerate(states):
+            branched = np.unique(batch["action_sets"][t, e])
+            assert draws is not None or np.array_equal(branched, np.arange(4))
+            assert np.all(batch["Q"][t, e, branched] == expected[i]), (t, e, draws is None)
+            assert np.isnan(np.delete(batch["Q"][t, e], branched)).all()
+
+
 # ----------------------------------------------------------------------------
 # The vine (TRPO Sec. 5.2), 2: a branch's return and lambda-return
 # ----------------------------------------------------------------------------
@@ -752,6 +875,46 @@ def test_branch_lambda_return_is_the_weighted_mean_of_n_step_returns(rng, horizo
     env.reset(seed=0)
     q_one, _ = T.branch_rollout(env, 1, net, theta, np.zeros(horizon), gamma, value_fn, lam=1.0)
     assert np.isclose(q_one, n_step[-1], rtol=1e-12)  # lam = 1: the discounted return plus gamma^H V(s_H)
+
+
+def test_a_branch_cut_by_the_time_limit_bootstraps_with_v_where_it_was_cut(rng):
+    """A vine branch (TRPO Sec. 5.2) that a time limit cuts, not a terminal state: CartPole limited to 8 steps,
+    branched after 3, stops after 5 of its 20 steps, truncated. Its lambda-return (the project's addition,
+    GAE paper Sec. 5's weights) equals (1 - lam) sum_n lam^(n-1) G^(n) + lam^(H-1) G^(H) worked out in a plain
+    loop over a fresh env, with G^(H) bootstrapped with V(s_H), the state at the cut, as a time limit asks
+    (only a terminated episode has V = 0 after it); treating the cut as a termination would change Q by
+    lam^(H-1) gamma^H V(s_H), far more than the tolerance here."""
+    net = MLP([4, 8, 2])
+    theta = net.init(rng)
+    value_fn = T.ValueFunction(MLP([4, 8, 1]), rng, lr=1e-3)
+    value_fn.phi = rng.standard_normal(value_fn.net.num_params)  # a V that differs from state to state
+    value_fn.mean = 10.0  # and is far from 0 everywhere
+    gamma, lam, limit, trunk_steps = 0.9, 0.7, 8, [0, 1, 0]
+    # u = 0 draws action 0, u just below 1 the last action; step l of the branch draws with uniforms[l], so
+    # its actions are 1 (the first, given), then 1, 0, 1, 0
+    uniforms = np.array([0.0, 1 - 1e-9] * 10)
+    env = gym.make("CartPole-v1", max_episode_steps=limit)
+    env.reset(seed=0)
+    for action in trunk_steps:
+        env.step(action)
+    q, steps = T.branch_rollout(env, 1, net, theta, uniforms, gamma, value_fn, lam)
+    assert steps == limit - len(trunk_steps) == 5  # cut by the time limit, well before the 20 steps
+    # the same branch in a plain loop on a fresh env brought to the same state
+    env = gym.make("CartPole-v1", max_episode_steps=limit)
+    env.reset(seed=0)
+    for action in trunk_steps:
+        env.step(action)
+    rewards, values = [], []
+    for l in range(steps):
+        obs, reward, terminated, truncated, _ = env.step([1, 1, 0, 1, 0][l])
+        rewards.append(reward)
+        values.append(value_fn.predict(obs[None])[0])
+    assert truncated and not terminated  # a time limit, not the pole falling: V(s_H) is the bootstrap
+    n_step = [sum(gamma ** l * rewards[l] for l in range(n)) + gamma ** n * values[n - 1] for n in range(1, steps + 1)]
+    expected = ((1 - lam) * sum(lam ** (n - 1) * n_step[n - 1] for n in range(1, steps))
+                + lam ** (steps - 1) * n_step[-1])
+    assert np.isclose(q, expected, rtol=1e-12)
+    assert abs(lam ** (steps - 1) * gamma ** steps * values[-1]) > 1.0  # what a terminal V = 0 would lose
 
 
 # ----------------------------------------------------------------------------
@@ -839,7 +1002,7 @@ def vine_batch(cfg, number=1):
 
 
 @needs_fork
-def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path, rng):
+def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path):
     """The vine sampler's Q does not depend on how states are restored: fork, seeded replay and 'auto' give
     identical Q (6 rollout states x 2 actions, all finite) on a second batch, whose episodes start mid-way;
     fork and replay also take the same number of branch steps (more than 6); every rollout state is one of the
@@ -894,10 +1057,33 @@ def test_auto_restore_replays_young_states_and_forks_old_ones():
     assert np.all(np.isfinite(batch["Q"][[3, 20], 0])) and np.isnan(batch["Q"][0, 0]).all()
 
 
+@pytest.mark.parametrize("proposal", ["uniform", "pi_old"])
+def test_the_sampled_vine_surrogate_weights_each_branch_by_pi_theta_over_q(tmp_path, rng, proposal):
+    """TRPO Eq. (16) on the vine sampler's own batch (6 CartPole states, K = 3 actions drawn from q, uniform
+    or pi_old): the proposal recorded for each drawn action is q's probability of it (1/A for uniform,
+    pi_old(a|s_n) for pi_old), and vine_problem's surrogate at theta_old and at 3 other logits equals the
+    self-normalised estimate written out here, L = mean_n sum_k w_k Q_k / sum_k w_k with w_k = pi_theta(a_k |
+    s_n) / q(a_k | s_n), and Q_k the branch's Q of action a_k."""
+    batch = vine_batch(vine_config(tmp_path, proposal, workers=1, vine_actions=3, vine_proposal=proposal))
+    logits_old, actions = batch["rollout_logits"], batch["action_sets"]
+    A = logits_old.shape[1]
+    q = np.full(actions.shape, 1 / A) if proposal == "uniform" else softmax(logits_old)[
+        np.arange(len(actions))[:, None], actions]
+    assert np.allclose(batch["proposal"], q, rtol=1e-12)
+    assert np.any(actions != actions[:, :1])  # some state drew two different actions: the weights matter
+    _, surrogate_of_logits, _ = T.vine_problem(batch)
+    for logits in [logits_old] + [logits_old + rng.standard_normal(logits_old.shape) for _ in range(3)]:
+        p = softmax(logits)
+        expected = np.mean([sum(p[n, a] / q[n, k] * batch["Q"][n, a] for k, a in enumerate(actions[n]))
+                            / sum(p[n, a] / q[n, k] for k, a in enumerate(actions[n])) for n in range(len(actions))])
+        assert np.isclose(surrogate_of_logits(logits)[0], expected, rtol=1e-12)
+
+
 def test_vine_value_targets_are_the_surrogate_at_theta_old(rng):
     """The vine's value targets from vine_problem: with all actions they are V(s_n) = sum_a pi_old(a|s_n)
-    Q(s_n, a), checked against the direct sum, and for both estimators (Eq. 15, and Eq. 16 with uniform q)
-    their mean equals the surrogate at theta_old."""
+    Q(s_n, a), checked against the direct sum; with K sampled actions and q = pi_old every weight pi_old / q
+    is 1, so each is the plain mean of the drawn actions' Q; and for both estimators (Eq. 15, and Eq. 16 with
+    q uniform or pi_old) their mean equals the surrogate at theta_old."""
     # V(s_n) = sum_a pi_old(a|s_n) Q(s_n, a), or its self-normalised estimate: per state, what the
     # vine's surrogate is worth at theta_old.
     logits, Q = rng.standard_normal((5, 4)), rng.standard_normal((5, 4)) * 10
@@ -906,8 +1092,13 @@ def test_vine_value_targets_are_the_surrogate_at_theta_old(rng):
     _, surrogate_of_logits, values = T.vine_problem(batch)
     assert np.allclose(values, (softmax(logits) * Q).sum(axis=1), rtol=1e-12)
     assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
-    batch.update(action_sets=rng.integers(4, size=(5, 3)), proposal=np.full((5, 3), 0.25))
+    actions = rng.integers(4, size=(5, 3))
+    batch.update(action_sets=actions, proposal=np.full((5, 3), 0.25))
     _, surrogate_of_logits, values = T.vine_problem(batch)
+    assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
+    batch.update(proposal=softmax(logits)[np.arange(5)[:, None], actions])  # q = pi_old
+    _, surrogate_of_logits, values = T.vine_problem(batch)
+    assert np.allclose(values, Q[np.arange(5)[:, None], actions].mean(axis=1), rtol=1e-12)
     assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
 
 
@@ -939,7 +1130,7 @@ def test_vine_trains_end_to_end_with_both_estimators(tmp_path):
 def test_same_seed_same_run_to_the_bit(tmp_path):
     """Two short CartPole runs with seed 0 give bit-identical final weights and progress rows (timing columns
     and the 'skipped' text aside); seed 1 gives other weights."""
-    net, theta_a, hist_a = T.train(short_config(tmp_path, "a"), verbose=False)
+    _, theta_a, hist_a = T.train(short_config(tmp_path, "a"), verbose=False)
     _, theta_b, hist_b = T.train(short_config(tmp_path, "b"), verbose=False)
     _, theta_c, _ = T.train(short_config(tmp_path, "c", seed=1), verbose=False)
     assert np.array_equal(theta_a, theta_b)
