@@ -66,9 +66,9 @@ def number(kind):
 
 def vine_default(trpo, name):
     """' (vine: ...)' where the vine's default of a field differs from Config's, else ''."""
-    vine = trpo.scheme_config("vine")
-    if getattr(vine, name) != getattr(trpo.Config(), name) and name in trpo.SCHEME_DEFAULTS["vine"]:
-        return f" (vine: {trpo.SCHEME_DEFAULTS['vine'][name]})"
+    vine = trpo.SCHEME_DEFAULTS["vine"]
+    if name in vine and vine[name] != getattr(trpo.Config(), name):
+        return f" (vine: {vine[name]})"
     if name == "total_steps":
         return f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
     if name == "stop_return":
@@ -223,6 +223,7 @@ def run_config(trpo, args, typed, given):
         cfg = trpo.scheme_config(**given)
         if not cfg.out:  # the default folder: numbered, so that running again keeps the last run
             cfg.out = run_files.unused_folder(cfg.out_dir())
+        run_files.check_folder_is_free(cfg.out_dir())  # now: a Ctrl-C later must not point at another run
         return cfg, None
     saved, cfg = trpo.read_checkpoint(args.resume)
     fixed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != getattr(cfg, k))

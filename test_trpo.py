@@ -851,7 +851,7 @@ def test_branch_lambda_return_is_the_weighted_mean_of_n_step_returns(rng, horizo
     from the n-step returns, by stepping a fresh env through the branch's actions in a plain loop, for
     horizons 6 and 40 (the longer one meant to end with the pole falling, V = 0 after it); with lam = 1 it is
     the longest n-step return."""
-    # lambda-return, GAE paper Sec. 5: (1 - lam) sum_n lam^(n-1) G^(n) + lam^(H-1) G^(H), where
+    # lambda-return, weighted as GAE's Eq. (16) weights its k-step estimators: (1 - lam) sum_n lam^(n-1) G^(n) + lam^(H-1) G^(H), where
     # G^(n) = sum_{l<n} gamma^l r_l + gamma^n V(s_n), and V = 0 once the episode has terminated.
     net = MLP([4, 8, 2])
     theta = net.init(rng)
@@ -880,7 +880,7 @@ def test_branch_lambda_return_is_the_weighted_mean_of_n_step_returns(rng, horizo
 def test_a_branch_cut_by_the_time_limit_bootstraps_with_v_where_it_was_cut(rng):
     """A vine branch (TRPO Sec. 5.2) that a time limit cuts, not a terminal state: CartPole limited to 8 steps,
     branched after 3, stops after 5 of its 20 steps, truncated. Its lambda-return (the project's addition,
-    GAE paper Sec. 5's weights) equals (1 - lam) sum_n lam^(n-1) G^(n) + lam^(H-1) G^(H) worked out in a plain
+    weighted as the GAE paper's k-step estimators) equals (1 - lam) sum_n lam^(n-1) G^(n) + lam^(H-1) G^(H) worked out in a plain
     loop over a fresh env, with G^(H) bootstrapped with V(s_H), the state at the cut, as a time limit asks
     (only a terminated episode has V = 0 after it); treating the cut as a termination would change Q by
     lam^(H-1) gamma^H V(s_H), far more than the tolerance here."""

@@ -72,14 +72,14 @@ class Config:
     max_kl: float = option(0.04, "delta, the trust region: the largest mean KL(pi_old || pi_new) of a step (Eq. 12)")
     damping: float = option(0.1, "damping (an addition): CG solves (F + damping I) x = g, better conditioned "
                                  "than F x = g")
-    fisher_subsample: int = option(2, "k: F on every k-th row of the batch in (time, environment) order "
-                                      "(Appendix C subsamples)")
-    cg_iters: int = option(10, "conjugate-gradient iterations for x = F^-1 g (Appendix C: about 10 is enough)")
+    fisher_subsample: int = option(2, "k: F on every k-th of the step's states, the batch in (time, env) "
+                                      "order (Appendix C subsamples)")
+    cg_iters: int = option(10, "conjugate-gradient iterations to solve (F + damping I) x = g (Appendix C: 10)")
     backtrack_coeff: float = option(0.8, "the line search shrinks the step by this factor at each backtrack")
     max_backtracks: int = option(10, "line-search tries before the step is abandoned and theta_old kept")
     gamma: float = option(0.999, "gamma, the discount factor")
     lam: float = option(0.97, "lambda of GAE(gamma, lambda), GAE paper Eq. 16; also the vine branches' lambda-return")
-    advantage: str = option("gae", "'gae': GAE(lambda) with a learned V; 'mc': the discounted return-to-go minus V",
+    advantage: str = option("gae", "'gae': GAE(lambda) with a learned V; 'mc': return-to-go (V at cuts) minus V",
                             choices=["gae", "mc"])
     normalize_advantages: bool = option(True, "single path: standardise each batch's advantages (an addition)")
     vf_lr: float = option(1e-3, "Adam learning rate of the value network")
@@ -472,8 +472,8 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         info["skipped"] = "gradient is zero or not finite"
         return theta_old, info
 
-    # 2. natural gradient direction x = (F + damping I)^-1 g, F estimated on every k-th row of the
-    # batch (the forward pass's cache holds every layer's input: its every k-th row is that state's)
+    # 2. natural gradient direction x = (F + damping I)^-1 g, F estimated on every k-th row of `states`
+    # (the forward pass's cache holds every layer's input: its every k-th row is that state's)
     fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]
     fisher_probs = probs_old[::cfg.fisher_subsample]
 
@@ -498,8 +498,8 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         tried["logits"] = logits = net.forward(theta, states)[0]
         return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits)
     if cfg.trust_region:
-        # L is a mean of terms of L_old's size: rounding moves it by about 1e-16 of that, and 1e-10
-        # of it is still far below any real improvement. Without a threshold, a gradient that is
+        # Rounding moves L by about 1e-16 of max(1, |L_old|); 1e-10 of it is far above that, and
+        # still far below any real improvement. Without a threshold, a gradient that is
         # really zero (every action equally good) would "improve" on rounding noise.
         ok, theta_new, improvement, kl_reached, backtracks = line_search(
             evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks,
@@ -510,7 +510,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
                 expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
     info["logits_new"] = tried["logits"] if ok else logits_old
-    info["kl_largest_state"] = float(np.max(kl(logits_old, info["logits_new"])))  # D_KL^max of Sec. 4
+    info["kl_largest_state"] = float(np.max(kl(logits_old, info["logits_new"])))  # D_KL^max of Sec. 3
     if not ok:
         info["skipped"] = "line search failed, keeping old parameters"
     return theta_new, info
@@ -688,7 +688,8 @@ def solved(history, stop_return):
 
 def train(cfg, verbose=True, resume=None):
     """Train a policy with TRPO, writing progress.csv, config.json, checkpoint.npz, policy.npz and
-    plots to cfg.out_dir(). `resume` is a snapshot (read_checkpoint) to continue from.
+    plots to cfg.out_dir(). `resume` is a snapshot (read_checkpoint) to continue from. cfg is
+    taken as valid: the command line checks it first (cli.validate).
 
     Returns (policy_net, theta, history) where history holds one dict per iteration."""
     obs_dim, num_actions = env_dims(cfg.env)  # a bad --env fails here, before any folder or worker
@@ -770,8 +771,8 @@ def predicted_return_change(surrogate_change, steps, episodes, kl_largest_state,
 
     The performance-difference identity (Kakade & Langford 2002; TRPO Eq. 1) gives
     eta(pi_new) - eta(pi_old) = E_{tau ~ pi_new}[ sum_t gamma^t A_old(s_t, a_t) ]. The surrogate
-    takes the states from pi_old instead, and this estimate also drops gamma^t (close to 1
-    over an episode when gamma = 0.999), so the step predicts a change of the episode return
+    takes the states from pi_old instead, and this estimate also drops gamma^t (0.999^t is 0.4
+    to 0.8 over LunarLander's episodes of a few hundred steps: one reason it is rough), so the step predicts a change of the episode return
     of (mean episode length) x (L(theta_new) - L(theta_old)) in the return's units: an
     approximation, to compare with what follows. Theorem 1 (stated with the total-variation
     distance, Eq. 8) bounds the cost of swapping the states; its KL form, Eq. (9), is
