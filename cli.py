@@ -9,7 +9,7 @@ second copy of it. What is here:
 * `validate`: every value the algorithm cannot run with, refused in one sentence;
 * the rules of --resume (which settings may change) and of --eval (which options go with it);
 * evaluation (`load_policy`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
-* exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C or SIGTERM.
+* exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
 """
 
 import argparse
@@ -26,6 +26,8 @@ from run_files import UserError
 
 MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider ones exhaust memory
 MAX_ENVS = 1024  # environments side by side; each holds its own simulator
+MAX_BATCH = 2 ** 21  # steps per iteration: a batch's arrays (observations twice, logits, ...) take ~200 bytes a step
+MAX_HORIZON = 10_000  # steps of a vine branch: its random numbers take N x H x 8 bytes
 RESUMABLE = {"total_steps", "out", "workers", "save_every"}  # the settings a resumed run may change
 
 
@@ -107,6 +109,9 @@ def build_parser(trpo, defaults=True):
     other.add_argument("--greedy", action="store_true", default=False if defaults else argparse.SUPPRESS,
                        help="with --eval, take the most likely action instead of sampling")
     other.add_argument("--gif", metavar="FILE", help="with --eval, write the first episode as an animated GIF")
+    other.add_argument("--quiet", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                       help="training: no progress bar, only the log line of each iteration (a bar is never "
+                            "drawn into a file or pipe)")
     return parser
 
 
@@ -150,6 +155,13 @@ def validate(cfg):
     if cfg.num_envs > MAX_ENVS:
         raise UserError(f"--num-envs {cfg.num_envs:,} environments would take minutes and gigabytes to "
                         f"build; use at most {MAX_ENVS} (and --steps-per-env for a larger batch).")
+    if cfg.batch_size > MAX_BATCH:
+        raise UserError(f"--num-envs {cfg.num_envs:,} x --steps-per-env {cfg.steps_per_env:,} is a batch of "
+                        f"{cfg.batch_size:,} steps, more than memory holds at a useful speed; use at most "
+                        f"{MAX_BATCH:,} steps per iteration.")
+    if cfg.vine_horizon > MAX_HORIZON:
+        raise UserError(f"--vine-horizon {cfg.vine_horizon:,} is longer than a branch can usefully be (its random "
+                        f"numbers alone would fill memory); use at most {MAX_HORIZON:,}.")
 
 
 # ----------------------------------------------------------------------------
@@ -170,6 +182,13 @@ def load_policy(trpo, path, env_id=None):
     return net, theta, env_id
 
 
+def act(net, theta, obs, greedy=True, rng=None):
+    """The action pi_theta takes at one observation: the most likely one if greedy, else one sampled
+    with rng (np.random.default_rng()). What a notebook calls to drive an environment with a policy."""
+    logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
+    return int(np.argmax(logits[0])) if greedy else int(sample(logits, rng.random(1))[0])
+
+
 def evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=None, gif_path=None):
     """Returns of `episodes` episodes under pi_theta, episode k reset with seed TRAIN_SEED_LIMIT + k,
     a seed training never uses. greedy=True takes the most likely action; otherwise actions are
@@ -183,9 +202,7 @@ def evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=None, gif_pa
         while not done:
             if gif_path and k == 0:
                 frames.append(env.render())
-            logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
-            action = int(np.argmax(logits[0])) if greedy else int(sample(logits, rng.random(1))[0])
-            obs, reward, terminated, truncated, _ = env.step(action)
+            obs, reward, terminated, truncated, _ = env.step(act(net, theta, obs, greedy, rng))
             returns[k] += reward
             done = terminated or truncated
         if gif_path and k == 0:
@@ -200,12 +217,15 @@ def run_evaluation(trpo, path, episodes, greedy, gif_path, env_id=None):
     above the environment's reward threshold (LunarLander: 200), where it has one."""
     if gif_path is not None and (os.path.isdir(gif_path) or not gif_path.lower().endswith(".gif")):
         raise UserError(f"--gif needs a file name ending in .gif, got '{gif_path}'.")
+    folder = os.path.dirname(os.path.abspath(gif_path)) if gif_path else None
+    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise UserError(f"--gif: cannot write into '{folder}' (it does not exist, or is not writable).")
     net, theta, env_id = load_policy(trpo, path, env_id)
     returns = evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
                               gif_path=gif_path)
     mode = "greedy" if greedy else "sampled"
     threshold = trpo.reward_threshold(env_id)
-    print(f"{env_id}, {episodes} evaluation episodes ({mode} actions, seeds from {trpo.TRAIN_SEED_LIMIT}): "
+    print(f"{env_id}, {episodes} evaluation episode{'s' if episodes != 1 else ''} ({mode} actions, seeds from {trpo.TRAIN_SEED_LIMIT}): "
           f"return {returns.mean():.1f} +- {returns.std():.1f}"
           + (f", {np.mean(returns >= threshold):.0%} at or above {threshold:g}" if threshold is not None else ""))
     if gif_path:
@@ -220,10 +240,12 @@ def run_evaluation(trpo, path, episodes, greedy, gif_path, env_id=None):
 def run_config(trpo, args, typed, given):
     """The (Config, checkpoint snapshot or None) of a training run: a new one, or --resume's."""
     if not args.resume:
+        vine_only = sorted(k for k in given if k.startswith("vine_"))
+        if vine_only and given.get("scheme", "single") != "vine":
+            raise UserError(f"{flag(vine_only[0])} is for --scheme vine; a single-path run has no branches.")
         cfg = trpo.scheme_config(**given)
-        if not cfg.out:  # the default folder: numbered, so that running again keeps the last run
-            cfg.out = run_files.unused_folder(cfg.out_dir())
-        run_files.check_folder_is_free(cfg.out_dir())  # now: a Ctrl-C later must not point at another run
+        if cfg.out:  # now, before any time is spent (without --out, train makes a new, numbered folder)
+            run_files.check_folder_is_free(cfg.out)
         return cfg, None
     saved, cfg = trpo.read_checkpoint(args.resume)
     fixed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != getattr(cfg, k))
@@ -231,7 +253,26 @@ def run_config(trpo, args, typed, given):
         raise UserError(f"{flag(fixed[0])} cannot change when resuming; the run keeps its saved settings.")
     overrides = {"out": os.path.dirname(os.path.abspath(args.resume))}
     overrides.update({k: v for k, v in typed.items() if k in RESUMABLE})
-    return dataclasses.replace(cfg, **overrides), saved
+    cfg = dataclasses.replace(cfg, **overrides)
+    run_files.check_folder_is_ours(cfg.out, saved["run_id"])  # now, before any time is spent
+    if trpo.solved(saved["history"], cfg.stop_return):
+        raise UserError(f"nothing to do: the run in {cfg.out} reached --stop-return {cfg.stop_return:g} already.")
+    if saved["env_steps"] >= cfg.total_steps:
+        raise UserError(f"nothing to do: the run in {cfg.out} has trained {saved['env_steps']:,} of its "
+                        f"--total-steps {cfg.total_steps:,} already; give a larger --total-steps to go on.")
+    return cfg, saved
+
+
+def notes(cfg, steps_done=0):
+    """What the run will do differently from what was asked, in a line each (stderr), before it starts."""
+    iterations = -(-(cfg.total_steps - steps_done) // cfg.batch_size)  # whole iterations, rounded up
+    if steps_done + iterations * cfg.batch_size != cfg.total_steps:
+        print(f"note: training runs whole iterations of {cfg.batch_size:,} steps: "
+              f"{steps_done + iterations * cfg.batch_size:,} steps in all for --total-steps {cfg.total_steps:,}.",
+              file=sys.stderr)
+    if cfg.scheme == "vine" and cfg.vine_states > cfg.batch_size:
+        print(f"note: --vine-states {cfg.vine_states:,} is more than the trunk's {cfg.batch_size:,} states; "
+              f"every trunk state is a rollout state.", file=sys.stderr)
 
 
 def main(argv, trpo):
@@ -245,8 +286,8 @@ def main(argv, trpo):
     try:
         parallel.raise_if_stop_requested()  # a Ctrl-C that came, and was lost, while Python was importing
         training_options = sorted(k for k in given if k != "env")
-        if args.eval and (training_options or args.resume):
-            option = flag(training_options[0]) if training_options else "--resume"
+        if args.eval and (training_options or args.resume or args.quiet):
+            option = flag(training_options[0]) if training_options else "--resume" if args.resume else "--quiet"
             raise UserError(f"{option} is for training; with --eval only --env, --episodes, --greedy and --gif "
                             f"apply (evaluation seeds start at {trpo.TRAIN_SEED_LIMIT}).")
         eval_options = [name for name in ("episodes", "greedy", "gif") if name in typed]
@@ -258,13 +299,12 @@ def main(argv, trpo):
             run_evaluation(trpo, args.eval, args.episodes, args.greedy, args.gif, typed.get("env"))
             return 0
         cfg, resume = run_config(trpo, args, typed, given)
-        validate(cfg)
-        _, _, history = trpo.train(cfg, resume=resume)
+        _, _, history = trpo.train(cfg, resume=resume, progress_bar=not args.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except parallel.ProcessFailed as e:
-        checkpoint = run_files.checkpoint_path(cfg.out_dir())
+        checkpoint = run_files.checkpoint_path(cfg.out)  # train has set cfg.out to its folder
         print(f"error: {e}; training stopped." + (f" The last finished iteration is saved: continue with  "
               f"python trpo_numpy.py --resume {checkpoint}" if os.path.exists(checkpoint) else ""), file=sys.stderr)
         return 1
@@ -272,16 +312,16 @@ def main(argv, trpo):
         parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
         if args.eval:
             print("\nevaluation stopped.", file=sys.stderr)
-            return 130
-        checkpoint = run_files.checkpoint_path(cfg.out_dir()) if cfg else None
+            return parallel.exit_code_of_stop()
+        checkpoint = run_files.checkpoint_path(cfg.out) if cfg and cfg.out else None
         if checkpoint is None or not os.path.exists(checkpoint):
             print("\nstopped before training began; nothing was saved.", file=sys.stderr)
-            return 130
+            return parallel.exit_code_of_stop()
         saved = [name for name in ("checkpoint.npz", "progress.csv", "policy.npz", "learning_curve.png")
                  if os.path.exists(os.path.join(cfg.out_dir(), name))]
         print(f"stopped: {', '.join(saved)} are in {cfg.out_dir()}\n"
               f"continue with:  python trpo_numpy.py --resume {checkpoint}", file=sys.stderr)
-        return 130
+        return parallel.exit_code_of_stop()
     if trpo.solved(history, cfg.stop_return):
         print(f"solved: the rolling return reached --stop-return {cfg.stop_return:g} at iteration "
               f"{history[-1]['iteration']}.")

@@ -2,8 +2,13 @@
 
 An exercise is one function of network.py or trpo_numpy.py. `make` writes a copy of
 the project in which that function's body is replaced by `raise NotImplementedError`
-(its signature and docstring stay); the student fills it in; `check` runs the tests
-that judge it. `verify` proves every exercise sound: its tests pass on the reference
+(its signature and docstring stay), and a marker file, .exercise, naming the exercise; the
+student fills it in; `check` runs the tests that judge it. `check` takes only that one file from
+the student's folder, and only from a folder whose .exercise names the same exercise: it copies the
+file into a scratch folder beside this project's own code and test_trpo.py and runs the tests there,
+within a time limit, so that nothing else in the student's folder (their copy of the tests, a
+conftest.py, another file) can change the verdict. `make` never writes over the project itself, nor
+over a folder it did not make. `verify` proves every exercise sound: its tests pass on the reference
 code, and fail both with the function blanked and with a plausible wrong version of
 it (a sign flipped, a term dropped), so a test can never pass by accident.
 EXERCISES.md describes each exercise with its equation and hints.
@@ -19,7 +24,7 @@ the command. `verify` runs it after the exercises.
 Usage:
   python exercise.py list
   python exercise.py make gae                    # writes exercise-gae/, a copy with gae() blanked
-  python exercise.py check gae --from exercise-gae
+  python exercise.py check gae --from exercise-gae  # --timeout 120: seconds before an answer is stopped
   python exercise.py verify                      # every exercise: reference passes, blank and wrong fail;
                                                  # then every mutant is caught
   python exercise.py mutants                     # only the mutants
@@ -32,6 +37,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +49,7 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT_FILES = ["network.py", "parallel.py", "run_files.py", "trpo_numpy.py", "cli.py", "test_trpo.py",
                  "requirements.txt"]
+MARKER = ".exercise"  # in a copy written by `make`: the name of its exercise, which `check` reads
 
 
 @dataclass
@@ -55,12 +62,20 @@ class Exercise:
     summary: str
 
 
+# In the order of EXERCISES.md, which `list` follows (test_program.py checks that they agree).
 EXERCISES = [
     Exercise("log_softmax", "network.py", "log_softmax",
              ["test_categorical_helpers_match_definitions"],
              """
              return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))  # no max shift: exp overflows
              """, "log-probabilities of a categorical from logits, without overflow"),
+    Exercise("kl", "network.py", "kl",
+             ["test_categorical_helpers_match_definitions", "test_kl_of_a_policy_with_itself_is_zero",
+              "test_kl_direction_is_old_to_new"],
+             """
+             logp_new = log_softmax(z_new)
+             return (np.exp(logp_new) * (logp_new - log_softmax(z_old))).sum(axis=-1)  # KL(new || old)
+             """, "KL divergence between two categoricals, in the paper's direction"),
     Exercise("mlp_backward", "network.py", "MLP.backward",
              ["test_backward_matches_finite_differences", "test_backward_is_the_transpose_of_jvp"],
              """
@@ -85,68 +100,12 @@ EXERCISES = [
                  if l == len(layers) - 1:
                      return da
              """, "forward-mode Jacobian-vector product through the MLP"),
-    Exercise("kl", "network.py", "kl",
-             ["test_categorical_helpers_match_definitions", "test_kl_of_a_policy_with_itself_is_zero",
-              "test_kl_direction_is_old_to_new"],
-             """
-             logp_new = log_softmax(z_new)
-             return (np.exp(logp_new) * (logp_new - log_softmax(z_old))).sum(axis=-1)  # KL(new || old)
-             """, "KL divergence between two categoricals, in the paper's direction"),
     Exercise("categorical_fisher_product", "network.py", "categorical_fisher_product",
              ["test_categorical_fisher_is_the_hessian_of_kl_in_logit_space",
               "test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
              """
              return p * u  # diag(p) only: drops - p p^T
              """, "the Fisher information of a categorical in logit space, times a vector"),
-    Exercise("fisher_vector_product", "trpo_numpy.py", "fisher_vector_product",
-             ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
-             """
-             u = net.jvp(theta, cache, v)
-             w = categorical_fisher_product(probs, u)
-             return net.backward(theta, cache, w) + damping * v  # forgets the mean's 1/N
-             """, "(F + damping I) v from a JVP, the logit-space Fisher and a backward pass"),
-    Exercise("conjugate_gradient", "trpo_numpy.py", "conjugate_gradient",
-             ["test_conjugate_gradient_matches_linear_solve",
-              "test_conjugate_gradient_stops_on_a_non_positive_curvature"],
-             """
-             x = np.zeros_like(b)
-             r = b.copy()
-             p = r.copy()
-             for _ in range(iters):
-                 Ap = matrix_vector_product(p)
-                 alpha = (r @ r) / (p @ p)  # the step of plain gradient descent, not CG's r.r / p.Ap
-                 x += alpha * p
-                 r -= alpha * Ap
-                 p = r.copy()
-             return x
-             """, "solve F x = g with only F-vector products"),
-    Exercise("surrogate", "trpo_numpy.py", "surrogate",
-             ["test_surrogate_gradient_matches_finite_differences",
-              "test_trpo_step_stays_in_the_trust_region_and_improves"],
-             """
-             N = len(actions)
-             ratio = np.exp(log_prob(logits, actions) - logp_old)
-             grad = -softmax(logits)
-             grad[np.arange(N), actions] += 1.0
-             grad *= (advantages / N)[:, None]  # forgets the ratio: right only at theta_old
-             return np.mean(ratio * advantages), grad
-             """, "the single-path surrogate of Eq. (14) and its gradient in the logits"),
-    Exercise("maximal_step", "trpo_numpy.py", "maximal_step",
-             ["test_maximal_step_puts_the_quadratic_kl_model_at_delta"],
-             """
-             return np.sqrt(max_kl / x_F_x) * x  # forgets the 2 of the quadratic model
-             """, "the step length beta = sqrt(2 delta / x^T F x)"),
-    Exercise("line_search", "trpo_numpy.py", "line_search",
-             ["test_line_search_never_accepts_kl_above_delta",
-              "test_line_search_returns_theta_old_when_nothing_is_accepted"],
-             """
-             for k in range(max_backtracks):
-                 theta = theta_old + backtrack_coeff ** k * full_step
-                 improvement, kl_reached = evaluate(theta)
-                 if kl_reached <= 1.5 * max_kl and improvement > 0:  # baselines' slack: too lenient
-                     return True, theta, improvement, kl_reached, k
-             return False, theta_old, 0.0, 0.0, max_backtracks
-             """, "backtracking line search: KL at most delta, and the surrogate improves"),
     Exercise("gae", "trpo_numpy.py", "gae",
              ["test_gae_on_a_hand_computed_trajectory", "test_gae_matches_a_plain_loop_and_lambda_one_is_monte_carlo"],
              """
@@ -171,6 +130,55 @@ EXERCISES = [
                  next_return = returns[t]
              return returns
              """, "Monte-Carlo discounted return-to-go, bootstrapped where the episode goes on"),
+    Exercise("surrogate", "trpo_numpy.py", "surrogate",
+             ["test_surrogate_gradient_matches_finite_differences",
+              "test_trpo_step_stays_in_the_trust_region_and_improves"],
+             """
+             N = len(actions)
+             ratio = np.exp(log_prob(logits, actions) - logp_old)
+             grad = -softmax(logits)
+             grad[np.arange(N), actions] += 1.0
+             grad *= (advantages / N)[:, None]  # forgets the ratio: right only at theta_old
+             return np.mean(ratio * advantages), grad
+             """, "the single-path surrogate of Eq. (14) and its gradient in the logits"),
+    Exercise("fisher_vector_product", "trpo_numpy.py", "fisher_vector_product",
+             ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
+             """
+             u = net.jvp(theta, cache, v)
+             w = categorical_fisher_product(probs, u)
+             return net.backward(theta, cache, w) + damping * v  # forgets the mean's 1/N
+             """, "(F + damping I) v from a JVP, the logit-space Fisher and a backward pass"),
+    Exercise("conjugate_gradient", "trpo_numpy.py", "conjugate_gradient",
+             ["test_conjugate_gradient_matches_linear_solve",
+              "test_conjugate_gradient_stops_on_a_non_positive_curvature"],
+             """
+             x = np.zeros_like(b)
+             r = b.copy()
+             p = r.copy()
+             for _ in range(iters):
+                 Ap = matrix_vector_product(p)
+                 alpha = (r @ r) / (p @ p)  # the step of plain gradient descent, not CG's r.r / p.Ap
+                 x += alpha * p
+                 r -= alpha * Ap
+                 p = r.copy()
+             return x
+             """, "solve F x = g with only F-vector products"),
+    Exercise("maximal_step", "trpo_numpy.py", "maximal_step",
+             ["test_maximal_step_puts_the_quadratic_kl_model_at_delta"],
+             """
+             return np.sqrt(max_kl / x_F_x) * x  # forgets the 2 of the quadratic model
+             """, "the step length beta = sqrt(2 delta / x^T F x)"),
+    Exercise("line_search", "trpo_numpy.py", "line_search",
+             ["test_line_search_never_accepts_kl_above_delta",
+              "test_line_search_returns_theta_old_when_nothing_is_accepted"],
+             """
+             for k in range(max_backtracks):
+                 theta = theta_old + backtrack_coeff ** k * full_step
+                 improvement, kl_reached = evaluate(theta)
+                 if kl_reached <= 1.5 * max_kl and improvement > 0:  # baselines' slack: too lenient
+                     return True, theta, improvement, kl_reached, k
+             return False, theta_old, 0.0, 0.0, max_backtracks
+             """, "backtracking line search: KL at most delta, and the surrogate improves"),
     Exercise("all_actions_surrogate", "trpo_numpy.py", "all_actions_surrogate",
              ["test_all_actions_gradient_matches_finite_differences"],
              """
@@ -391,17 +399,78 @@ def copy_project(source_dir, target_dir, exercise=None, body=None):
             f.write(replace_body(source, exercise.function, body))
 
 
-def run_tests(directory, tests, stop_at_first_failure=False):
+def run_tests(directory, tests, stop_at_first_failure=False, timeout=None, columns=1000):
     """Run the named tests (of test_trpo.py, or "file::name") in `directory`, in the order given;
     returns (all passed, pytest's report). BLAS gets one thread: its matrices are tiny, and `verify`
-    runs two of these at once."""
+    runs two of these at once. Its report is `columns` wide (1000 by default: summary lines in full, for
+    `mutants` to read). With a timeout (seconds), pytest runs in a process group of its own,
+    which is killed, whatever it started included, when the time is up (subprocess.TimeoutExpired is
+    raised) or when this process is interrupted."""
     ids = [name if "::" in name else f"test_trpo.py::{name}" for name in tests]
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "--tb=short", "-rfE", "--no-header",
-                             "-p", "no:cacheprovider", *(["-x"] if stop_at_first_failure else []), *ids],
-                            cwd=directory, capture_output=True, text=True,
-                            env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
-                                 "MKL_NUM_THREADS": "1", "COLUMNS": "1000"})  # summary lines in full
-    return result.returncode == 0, result.stdout + result.stderr
+    own_group = timeout is not None and os.name == "posix"
+    process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "--tb=short", "-rfE", "--no-header",
+                                "-p", "no:cacheprovider", *(["-x"] if stop_at_first_failure else []), *ids],
+                               cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=own_group,
+                               env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+                                    "MKL_NUM_THREADS": "1", "COLUMNS": str(columns)})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:  # the time is up, or Ctrl-C: nothing may go on running
+        if own_group:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:
+            process.kill()
+        process.communicate()
+        raise
+    return process.returncode == 0, stdout + stderr
+
+
+def read_marker(directory):
+    """The exercise named in `directory`'s marker file, or None if it has none (or it cannot be read)."""
+    try:
+        with open(os.path.join(directory, MARKER)) as f:
+            lines = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return lines[0] if lines else None
+
+
+def write_marker(directory, exercise):
+    with open(os.path.join(directory, MARKER), "w") as f:
+        f.write(f"# written by exercise.py make: this folder is the copy made for the exercise below, "
+                f"which exercise.py check reads\n{exercise.name}\n")
+
+
+def holds_the_project(directory):
+    """Whether `directory` is this project, or holds a project of its own (its exercise.py; a copy made by
+    `make` has none)."""
+    return os.path.isfile(os.path.join(directory, "exercise.py")) or os.path.samefile(directory, HERE)
+
+
+def make_refusal(exercise, target, force):
+    """Why `make` must not write its copy into `target` (one sentence), or None. It writes only into a new
+    or empty folder, or over a copy it made itself (with --force): never over the project's own files."""
+    if os.path.exists(target) and not os.path.isdir(target):
+        return f"'{target}' is a file, not a folder; give --into a folder."
+    if not os.path.isdir(target):
+        return None
+    if holds_the_project(target):
+        return (f"'{target}' holds the project's own code, which make would write over; give --into another "
+                f"folder (the default is exercise-{exercise.name}).")
+    made_for = read_marker(target)
+    present = [name for name in PROJECT_FILES if os.path.exists(os.path.join(target, name))]
+    if present and made_for is None:
+        return (f"'{target}' already holds {present[0]}, which make would write over, and make did not write "
+                f"it (there is no {MARKER} file); give --into a new or empty folder.")
+    if present and not force:
+        return (f"'{target}' holds a copy already, maybe with your work in it; check it with "
+                f"'python exercise.py check {made_for} --from {target}', or start over with --force "
+                f"(which replaces it).")
+    return None
 
 
 def command_list(args):
@@ -409,30 +478,68 @@ def command_list(args):
         print(f"{exercise.name:30s} {exercise.file}: {exercise.function} - {exercise.summary}")
 
 
+def os_error(error):
+    """An OSError in words: what went wrong, and with which file."""
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{(error.strerror or str(error)).lower()}{where}"
+
+
 def command_make(args):
     exercise = BY_NAME[args.name]
     target = args.into or f"exercise-{exercise.name}"
-    if os.path.exists(target) and not os.path.isdir(target):
-        print(f"error: '{target}' is a file, not a folder; give --into a folder.", file=sys.stderr)
+    refusal = make_refusal(exercise, target, args.force)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
-    if os.path.exists(os.path.join(target, exercise.file)) and not args.force:
-        print(f"error: '{target}' holds a copy already, maybe with your work in it; check it with "
-              f"'python exercise.py check {exercise.name} --from {target}', or start over with --force "
-              f"(which replaces it).", file=sys.stderr)
+    try:
+        os.makedirs(target, exist_ok=True)
+        write_marker(target, exercise)  # first: a copy cut short is still known as one
+        copy_project(HERE, target, exercise, blank_body(exercise))
+    except OSError as error:
+        print(f"error: cannot write the copy into '{target}': {os_error(error)}; give --into a folder you "
+              f"can write to.", file=sys.stderr)
         return 2
-    copy_project(HERE, target, exercise, blank_body(exercise))
     print(f"wrote {target}/: {exercise.file} has {exercise.function} to fill in (see EXERCISES.md).\n"
           f"check it with:  python exercise.py check {exercise.name} --from {target}")
 
 
 def command_check(args):
+    """Run the exercise's tests, this project's own, on the exercise's file from the student's folder."""
     exercise = BY_NAME[args.name]
     directory = args.source or f"exercise-{exercise.name}"
-    if not os.path.isfile(os.path.join(directory, exercise.file)):
+    answer = os.path.join(directory, exercise.file)
+    if not os.path.isfile(answer):
         print(f"error: no {exercise.file} in '{directory}'; make one with: python exercise.py make {args.name}",
               file=sys.stderr)
         return 2
-    passed, report = run_tests(directory, exercise.tests)
+    made_for = read_marker(directory)
+    if made_for is None:
+        print(f"error: '{directory}' was not made by 'python exercise.py make {exercise.name}' (it has no "
+              f"{MARKER} file naming the exercise), so there is no answer in it to check; make a copy with "
+              f"that command.", file=sys.stderr)
+        return 2
+    if made_for != exercise.name:
+        print(f"error: '{directory}' is the copy made for exercise {made_for}, not {exercise.name}; check it "
+              f"with: python exercise.py check {made_for} --from {directory}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            copy_project(HERE, scratch)  # the reference code and tests, then the student's one file
+            shutil.copyfile(answer, os.path.join(scratch, exercise.file))
+            with open(os.path.join(scratch, "pytest.ini"), "w") as f:
+                f.write("[pytest]\n")  # no configuration from the folders above
+        except OSError as error:
+            print(f"error: cannot copy {answer} to check it: {os_error(error)}.", file=sys.stderr)
+            return 2
+        print(f"checking {exercise.function} in {answer} with this project's tests "
+              f"({os.path.join(HERE, 'test_trpo.py')})", flush=True)
+        try:
+            passed, report = run_tests(scratch, exercise.tests, timeout=args.timeout,
+                                       columns=shutil.get_terminal_size().columns)
+        except subprocess.TimeoutExpired:
+            print(f"{exercise.name}: the answer did not finish in {args.timeout:g} s, so the tests were stopped: "
+                  f"look for a loop that never ends (or allow more time with --timeout).")
+            return 1
     print(report.rstrip())
     print(f"\n{exercise.name}: " + ("all tests pass. Well done." if passed else
                                     "not yet: the failures above say what was expected and what came out."))
@@ -557,6 +664,16 @@ def command_mutants(args):
     return 0 if counts["caught"] == len(MUTANTS) else 1
 
 
+def positive_seconds(text):
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not '{text}'")
+    return seconds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -569,6 +686,8 @@ def main(argv=None):
     check = commands.add_parser("check", help="run an exercise's tests on a student's copy")
     check.add_argument("name", choices=list(BY_NAME))
     check.add_argument("--from", dest="source", help="the student's folder (default exercise-NAME)")
+    check.add_argument("--timeout", type=positive_seconds, default=120.0,
+                       help="seconds the tests may take before they are stopped (default 120)")
     commands.add_parser("verify", help="prove every exercise's tests pass on the reference and fail when "
                                        "the function is blanked or wrong; then run the mutants")
     commands.add_parser("mutants", help="put each plausible bug of MUTANTS into a copy of the code and prove "

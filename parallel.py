@@ -67,12 +67,18 @@ def keep_freed_memory():
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-_stop_requested = False  # set by a Ctrl-C or SIGTERM once stop_on_signals is in place
+_stop_requested = 0  # the first Ctrl-C (SIGINT) or SIGTERM noted once stop_on_signals is in place
 
 
 def _note_stop(signum, frame):
     global _stop_requested
-    _stop_requested = True
+    _stop_requested = _stop_requested or signum
+
+
+def exit_code_of_stop():
+    """The exit code of a program stopped by a signal, by the shell's convention: 128 + the signal's
+    number (130 for Ctrl-C, 143 for SIGTERM); 130 if none was noted (a KeyboardInterrupt of Python's own)."""
+    return 128 + (_stop_requested or signal.SIGINT)
 
 
 def _stop(signum, frame):

@@ -6,9 +6,9 @@ imports nothing from trpo_numpy.py):
 * `RunFolder`: the bookkeeping of one training run, behind one object: the folder checks
   and lock, config.json, progress.csv and the log line, the progress bar, checkpoints every
   few iterations, and the final save (checkpoint, policy, plots);
-* the output folder: `prepare_out_dir` (writable before training starts), `unused_folder`,
+* the output folder: `prepare_out_dir` (writable before training starts), `new_numbered_folder`,
   `check_folder_is_free` and `check_folder_is_ours` (a run never writes over another run's
-  files), `lock_folder` (nor two runs into one folder at once);
+  files, nor among anyone's files), `lock_folder` (nor two runs into one folder at once);
 * `config.json` and `progress.csv` (one row per iteration, columns PROGRESS_COLUMNS),
   and `format_log_line`, the same row as the line printed per iteration;
 * `policy.npz` (the weights and their architecture, for --eval) and `checkpoint.npz`
@@ -60,9 +60,15 @@ class RunFolder:
     layer sizes of the policy and value networks; `plot_labels` what save_plots needs besides.
     """
 
-    def __init__(self, out_dir, settings, run_id, history, resuming, sizes, verbose, plot_labels):
+    PLOT_EVERY_S = 60  # plots with a checkpoint at most this often: drawing them takes about a second
+
+    def __init__(self, out_dir, numbered, settings, run_id, history, resuming, sizes, verbose, progress_bar,
+                 plot_labels):
         from tqdm import tqdm
         tqdm.monitor_interval = 0  # no monitor thread: the vine forks this process, and fork copies one thread
+        if numbered:  # the default folder: a new one, numbered, so that running again keeps the last run
+            out_dir = new_numbered_folder(out_dir)
+        settings = {**settings, "out": out_dir}
         self.out_dir, self.settings, self.sizes, self.plot_labels = out_dir, settings, sizes, plot_labels
         self.verbose, self.write_line = verbose, tqdm.write
         prepare_out_dir(out_dir)
@@ -78,22 +84,34 @@ class RunFolder:
             self.lock.close()
             raise
         self.history = history
+        self.last_plots = time.monotonic()
+        # disable=None: tqdm draws no bar into a file or a pipe, where redraws would fill a log
         self.bar = tqdm(total=settings["total_steps"], initial=history[-1]["env_steps"] if history else 0,
-                        unit="step", unit_scale=True, disable=not verbose, file=sys.stderr)
+                        unit="step", unit_scale=True, disable=None if progress_bar else True, file=sys.stderr)
 
     def record(self, row, snapshot):
         """One finished iteration: its row in progress.csv, the log line, the bar; and every
-        save_every iterations, the snapshot in checkpoint.npz."""
+        save_every iterations, the snapshot in checkpoint.npz, its policy in policy.npz, and the plots
+        if the last were drawn PLOT_EVERY_S seconds ago or more."""
         self.progress.write(row)
         if row["iteration"] % self.settings["save_every"] == 0:
             self.save_checkpoint(snapshot)
+            if time.monotonic() - self.last_plots >= self.PLOT_EVERY_S:
+                self.save_plots()
         self.bar.update(row["trunk_steps"])
         self.bar.set_postfix(ret=f"{row['rolling_return']:.1f}")
         if self.verbose:
             self.write_line(format_log_line(row) + (f" | step skipped: {row['skipped']}" if row["skipped"] else ""))
 
     def save_checkpoint(self, snapshot):
+        """checkpoint.npz, and policy.npz with the same weights."""
         write_checkpoint(checkpoint_path(self.out_dir), snapshot, self.settings, *self.sizes, self.settings["env"])
+        save_policy(os.path.join(self.out_dir, "policy.npz"), self.sizes[0], snapshot["theta"], self.settings["env"])
+
+    def save_plots(self):
+        save_plots(self.history, self.out_dir, self.settings["env"], self.settings["seed"],
+                   self.plot_labels["scheme_name"], self.settings["max_kl"], solved_at=self.plot_labels["solved_at"])
+        self.last_plots = time.monotonic()
 
     def finish(self, snapshot):
         """The end of the run, whatever ended it: the last snapshot in checkpoint.npz, its policy in
@@ -104,12 +122,8 @@ class RunFolder:
                 print("\nstopping: saving the last finished iteration, one moment ...", file=sys.stderr)
             self.progress.close()
             self.save_checkpoint(snapshot)
-            save_policy(os.path.join(self.out_dir, "policy.npz"), self.sizes[0], snapshot["theta"],
-                        self.settings["env"])
             if self.history:
-                save_plots(self.history, self.out_dir, self.settings["env"], self.settings["seed"],
-                           self.plot_labels["scheme_name"], self.settings["max_kl"],
-                           solved_at=self.plot_labels["solved_at"])
+                self.save_plots()
         finally:
             self.lock.close()
 
@@ -135,21 +149,33 @@ def holds_a_run(path):
     return any(os.path.exists(os.path.join(path, name)) for name in ("config.json", "checkpoint.npz"))
 
 
-def unused_folder(path):
-    """path if it holds no run, else the first of path-2, path-3, ... that holds none (as
-    Stable-Baselines3 numbers PPO_1, PPO_2): a new run never lands on an old one."""
-    candidate, number = path, 1
-    while holds_a_run(candidate):
-        number += 1
-        candidate = f"{path}-{number}"
-    return candidate
+def new_numbered_folder(path):
+    """Create and return the first of path, path-2, path-3, ... that does not exist yet (as
+    Stable-Baselines3 numbers PPO_1, PPO_2). os.mkdir either creates a folder or finds it there,
+    atomically: two runs started at the same moment get two folders."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        number = 1
+        while True:
+            candidate = path if number == 1 else f"{path}-{number}"
+            try:
+                os.mkdir(candidate)
+                return candidate
+            except FileExistsError:
+                number += 1
+    except OSError as e:
+        raise UserError(f"cannot create an output folder at '{path}': {e.strerror or e}.") from None
 
 
 def check_folder_is_free(out_dir):
-    """A new run writes into an empty folder, or one that holds no run: never over another run's files."""
+    """A new run writes into a new or empty folder: never over another run's files, nor among files of
+    anyone else's (a folder of plots, another tool's progress.csv). Our own lock file does not count."""
     if holds_a_run(out_dir):
         raise UserError(f"'{out_dir}' holds a run already; continue it with --resume "
                         f"{checkpoint_path(out_dir)}, or give another --out.")
+    if os.path.isdir(out_dir) and any(name != ".lock" for name in os.listdir(out_dir)):
+        raise UserError(f"'{out_dir}' is not empty; a new run writes into a new or empty folder, never "
+                        f"among other files: give another --out.")
 
 
 def lock_folder(out_dir):

@@ -265,7 +265,8 @@ def test_bad_checkpoints_and_folders_are_one_sentence_and_exit_code_2(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert words in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, args
-    same = run_cli("--resume", str(good), "--scheme", "single")  # a setting given again, unchanged: fine
+    # a setting given again, unchanged: fine (with more steps to train: the run has done its 512)
+    same = run_cli("--resume", str(good), "--scheme", "single", "--total-steps", "1024")
     assert same.returncode == 0, same.stderr
 
 
@@ -403,7 +404,8 @@ def test_ctrl_c_while_starting_names_only_files_that_exist(tmp_path, delay):
 @pytest.mark.parametrize("signal_name, scheme", [("SIGINT", "single"), ("SIGTERM", "single"), ("SIGINT", "vine")])
 def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name, scheme):
     """SIGINT or SIGTERM after three iterations (single path; and SIGINT on the vine): the run stops within
-    10 s with exit code 130, no traceback and the --resume command; its checkpoint loads (iteration >= 3
+    10 s with exit code 130 (SIGINT) or 143 (SIGTERM), the shell's 128 + signal number, no traceback and
+    the --resume command; its checkpoint loads (iteration >= 3
     although --save-every is 1000), policy.npz has the same shape, and within 10 s no process of its session
     is left."""
     import signal
@@ -425,7 +427,7 @@ def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name
     process.send_signal(getattr(signal, signal_name))
     _, stderr = process.communicate(timeout=30)
     assert time.time() - sent < 10, "it must stop promptly, not an iteration later"
-    assert process.returncode == 130 and "Traceback" not in stderr
+    assert process.returncode == 128 + getattr(signal, signal_name) and "Traceback" not in stderr
     assert f"--resume {out / 'checkpoint.npz'}" in stderr
     data, cfg = T.read_checkpoint(str(out / "checkpoint.npz"))  # written although --save-every is 1000
     assert data["iteration"] >= 3
@@ -728,3 +730,296 @@ def test_the_value_fit_beside_the_policy_step_gives_the_run_of_one_thread(tmp_pa
         assert np.array_equal(runs[order][0], runs["threads"][0]), order
         assert np.array_equal(runs[order][1], runs["threads"][1]), order  # the value network too
         assert runs[order][2] == runs["threads"][2], order
+
+
+# ----------------------------------------------------------------------------
+# trpo_numpy.py: nothing lost, nothing silent, and the project from Python
+# ----------------------------------------------------------------------------
+
+def test_a_new_run_refuses_a_folder_of_other_files_and_leaves_them_alone(tmp_path):
+    """A new run writes into a new or empty folder only: a folder of someone else's files (plots, another
+    tool's progress.csv) is refused in one sentence with exit code 2, and every file in it is left as it was."""
+    foreign = tmp_path / "plots"
+    foreign.mkdir()
+    (foreign / "theory.png").write_bytes(b"a figure")
+    (foreign / "progress.csv").write_text("step,reward\n1,2\n")
+    result = run_cli("--env", "CartPole-v1", "--total-steps", "64", "--num-envs", "2", "--out", str(foreign))
+    assert result.returncode == 2 and "is not empty" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(os.listdir(foreign)) == ["progress.csv", "theory.png"]
+    assert (foreign / "theory.png").read_bytes() == b"a figure"
+    assert (foreign / "progress.csv").read_text() == "step,reward\n1,2\n"
+
+
+def test_runs_started_together_get_folders_of_their_own(tmp_path):
+    """Without --out, each run makes a new folder, numbered -2, -3, ... if taken: eight callers at once
+    get eight different folders, each created by its own call (os.mkdir is atomic), the first unnumbered."""
+    base = str(tmp_path / "runs" / "single-seed0")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: run_files.new_numbered_folder(base), range(8)))
+    assert len(set(folders)) == 8 and all(os.path.isdir(f) for f in folders)
+    assert sorted(folders) == sorted([base] + [f"{base}-{n}" for n in range(2, 9)])
+
+
+def test_an_unknown_environment_leaves_no_folder_behind(tmp_path):
+    """A bad --env is refused before any output folder is made, with or without --out."""
+    result = run_cli("--env", "NoSuchEnv-v0", "--out", str(tmp_path / "run"), cwd=str(tmp_path))
+    assert result.returncode == 2 and "unknown environment" in result.stderr
+    result = run_cli("--env", "NoSuchEnv-v0", cwd=str(tmp_path))
+    assert result.returncode == 2 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--vine-states", "16"], "--vine-states is for --scheme vine"),
+    (["--no-vine-bootstrap"], "--vine-bootstrap is for --scheme vine"),
+    (["--steps-per-env", "1000000000"], "use at most 2,097,152 steps per iteration"),
+    (["--scheme", "vine", "--vine-horizon", "1000000000"], "use at most 10,000"),
+])
+def test_options_that_would_be_ignored_or_exhaust_memory_are_refused(tmp_path, args, words):
+    """A vine option on a single-path run (it would be ignored), a batch or a branch too large for memory:
+    one sentence, exit code 2, no traceback, before anything is built."""
+    result = run_cli("--env", "CartPole-v1", "--out", str(tmp_path / "run"), *args)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_run_says_what_it_does_beyond_what_was_asked(tmp_path):
+    """--total-steps that is not a whole number of batches, and more rollout states than the trunk has: each is
+    said in a note on stderr before training, with the figures the run will use; then the run does exactly that
+    (1,024 steps for 700 asked, batches of 512)."""
+    result = run_cli("--env", "CartPole-v1", "--total-steps", "700", "--num-envs", "4", "--steps-per-env", "128",
+                     "--hidden", "8", "--out", str(tmp_path / "single"))
+    assert result.returncode == 0, result.stderr
+    assert "note: training runs whole iterations of 512 steps: 1,024 steps in all for --total-steps 700" \
+        in result.stderr
+    assert "done: 1,024 env steps" in result.stdout
+    result = run_cli("--scheme", "vine", "--env", "CartPole-v1", "--total-steps", "16", "--num-envs", "2",
+                     "--steps-per-env", "8", "--vine-states", "100", "--vine-horizon", "5", "--hidden", "8",
+                     "--out", str(tmp_path / "vine"))
+    assert result.returncode == 0, result.stderr
+    assert "note: --vine-states 100 is more than the trunk's 16 states" in result.stderr
+    # the fork-cost probe steps CartPole past its end no more (Gymnasium warned of it)
+    assert "already returned terminated" not in result.stderr
+
+
+def test_a_resume_with_nothing_left_to_do_says_so(tmp_path):
+    """Resuming a run that has trained its --total-steps already is refused in one sentence (exit code 2) that
+    says how far it got and how to go on; its files are not touched."""
+    cfg = short_config(tmp_path, "run", total_steps=512)
+    T.train(cfg, verbose=False)
+    checkpoint = tmp_path / "run" / "checkpoint.npz"
+    before = checkpoint.read_bytes()
+    result = run_cli("--resume", str(checkpoint))
+    assert result.returncode == 2 and "nothing to do" in result.stderr and "512 of its --total-steps 512" \
+        in result.stderr and "--total-steps" in result.stderr
+    assert checkpoint.read_bytes() == before
+
+
+def test_the_policy_is_written_with_each_checkpoint(tmp_path):
+    """policy.npz follows checkpoint.npz during training, not only at the end: after the iteration that writes
+    a checkpoint, both hold the same weights (the snapshot's)."""
+    cfg = short_config(tmp_path, "run", total_steps=512)
+    run = run_files.RunFolder(cfg.out, False, T.dataclasses.asdict(cfg), "id", [], resuming=False,
+                              sizes=([4, 16, 16, 2], [4, 16, 16, 1]), verbose=False, progress_bar=False,
+                              plot_labels=dict(scheme_name="single path", solved_at=None))
+    theta = np.arange(MLP([4, 16, 16, 2]).num_params, dtype=np.float64)
+    snapshot = dict(theta=theta, phi=np.zeros(MLP([4, 16, 16, 1]).num_params), adam_m=np.zeros(1),
+                    adam_v=np.zeros(1), adam_t=0, value_mean=0.0, value_std=1.0, rng_state={}, iteration=10,
+                    env_steps=5120, wall_s=1.0, run_id="id", history=[], episode_returns=[])
+    row = {k: 0.0 for k in run_files.PROGRESS_COLUMNS}
+    row.update(iteration=cfg.save_every, env_steps=5120, trunk_steps=512, rollout_states=0, skipped="")
+    run.record(row, snapshot)
+    sizes, saved_theta, env_id = run_files.read_policy(os.path.join(cfg.out, "policy.npz"))
+    assert np.array_equal(saved_theta, theta) and env_id == "CartPole-v1" and sizes == [4, 16, 16, 2]
+    run.lock.close()
+
+
+def test_no_progress_bar_is_drawn_into_a_pipe_and_quiet_leaves_the_log_lines(tmp_path):
+    """A run whose stderr is a pipe gets no progress-bar redraws there (a bar belongs on a terminal); --quiet
+    leaves only the log line of each iteration on stdout. --quiet with --eval is refused: it is for training."""
+    for quiet in ([], ["--quiet"]):
+        result = run_cli("--env", "CartPole-v1", "--total-steps", "1024", "--num-envs", "4", "--steps-per-env",
+                         "128", "--hidden", "8", "--out", str(tmp_path / f"run{len(quiet)}"), *quiet)
+        assert result.returncode == 0, result.stderr
+        assert "\r" not in result.stderr and "step/s]" not in result.stderr, result.stderr
+        assert sum(line.startswith("it ") for line in result.stdout.splitlines()) == 2
+    result = run_cli("--eval", str(tmp_path / "run0" / "policy.npz"), "--quiet")
+    assert result.returncode == 2 and "--quiet is for training" in result.stderr
+
+
+def test_an_evaluation_says_episode_in_the_singular_and_checks_the_gif_folder_first(tmp_path):
+    """--eval --episodes 1 prints '1 evaluation episode'; a --gif into a folder that does not exist is refused
+    in one sentence before any episode is played (no traceback)."""
+    T.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
+    policy = str(tmp_path / "run" / "policy.npz")
+    result = run_cli("--eval", policy, "--episodes", "1")
+    assert result.returncode == 0 and "1 evaluation episode (" in result.stdout, result.stdout
+    result = run_cli("--eval", policy, "--episodes", "1", "--gif", str(tmp_path / "missing" / "a.gif"))
+    assert result.returncode == 2 and "cannot write into" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_project_from_python_trains_loads_and_acts(tmp_path):
+    """The README's example for a notebook: train(Config) from Python, load the written policy, act on an
+    observation. The loaded weights are the trained ones; cli.act's action is the argmax of the policy's
+    logits (greedy) computed by hand; a bad value is refused by train in one sentence (UserError)."""
+    import cli
+    cfg = T.scheme_config("single", env="CartPole-v1", total_steps=1024, num_envs=4, steps_per_env=128,
+                          hidden=(16, 16), out=str(tmp_path / "notebook"))
+    net, theta, history = T.train(cfg, verbose=False)
+    loaded_net, loaded_theta, env_id = cli.load_policy(T, str(tmp_path / "notebook" / "policy.npz"))
+    assert np.array_equal(loaded_theta, theta) and loaded_net.sizes == net.sizes and env_id == "CartPole-v1"
+    env = T.make_env(env_id)
+    obs, _ = env.reset(seed=0)
+    W1, b1, W2, b2, W3, b3 = [a for layer in net.unflatten(theta) for a in layer]
+    logits = np.tanh(np.tanh(obs @ W1 + b1) @ W2 + b2) @ W3 + b3
+    assert cli.act(loaded_net, loaded_theta, obs) == int(np.argmax(logits))
+    env.close()
+    with pytest.raises(run_files.UserError, match="--max-kl must be positive"):
+        T.train(T.scheme_config("single", env="CartPole-v1", max_kl=-1.0, out=str(tmp_path / "bad")))
+
+
+# ----------------------------------------------------------------------------
+# exercise.py: nothing lost, nothing false
+# ----------------------------------------------------------------------------
+
+def run_exercise(*args, script=None, cwd=None, timeout=120):
+    """exercise.py (this project's, or `script`) run in a new process."""
+    return subprocess.run([sys.executable, script or os.path.join(HERE, "exercise.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_refused(result, *words):
+    """Exit code 2 and one line on stderr holding `words`, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+
+
+def test_exercise_check_refuses_a_folder_not_made_for_that_exercise(tmp_path):
+    """check kl --from the copy made for gae (whose network.py holds the reference kl, which passes kl's
+    tests) is refused, exit 2 in one sentence naming gae; so is a folder of the project's files that make did
+    not write (no .exercise file); the copy made for kl itself is checked (its blank kl fails, exit 1)."""
+    import exercise
+    assert run_exercise("make", "gae", "--into", str(tmp_path / "gae")).returncode == 0
+    other = run_exercise("check", "kl", "--from", str(tmp_path / "gae"))
+    assert_refused(other, "made for exercise gae", "check gae --from")
+    assert "Well done" not in other.stdout
+    exercise.copy_project(HERE, str(tmp_path / "plain"))
+    assert_refused(run_exercise("check", "kl", "--from", str(tmp_path / "plain")), ".exercise")
+    assert run_exercise("make", "kl", "--into", str(tmp_path / "kl")).returncode == 0
+    own = run_exercise("check", "kl", "--from", str(tmp_path / "kl"))
+    assert own.returncode == 1 and "NotImplementedError" in own.stdout
+
+
+def test_exercise_check_runs_the_projects_tests_not_the_students_copy_of_them(tmp_path):
+    """With kl blank and the copy's test_trpo.py edited so that kl's tests pass trivially (and a conftest.py
+    beside it), check still fails (exit 1): it runs this project's test_trpo.py on the copy's network.py.
+    With the reference kl in the copy's network.py, it passes (exit 0, 'Well done'), the edits still there."""
+    import exercise
+    copy = tmp_path / "kl"
+    assert run_exercise("make", "kl", "--into", str(copy)).returncode == 0
+    (copy / "test_trpo.py").write_text("".join(f"def {name}():\n    pass\n\n\n"
+                                               for name in exercise.BY_NAME["kl"].tests))
+    (copy / "conftest.py").write_text("import pytest\n\n\n@pytest.hookimpl(tryfirst=True)\n"
+                                      "def pytest_runtest_call(item):\n    item.runtest = lambda: None\n")
+    blank = run_exercise("check", "kl", "--from", str(copy))
+    assert blank.returncode == 1, blank.stdout[-2000:]
+    assert "NotImplementedError" in blank.stdout and "Well done" not in blank.stdout
+    (copy / "network.py").write_text(open(os.path.join(HERE, "network.py")).read())  # the right answer
+    answer = run_exercise("check", "kl", "--from", str(copy))
+    assert answer.returncode == 0 and "all tests pass. Well done." in answer.stdout, answer.stdout[-2000:]
+    assert "3 passed" in answer.stdout
+
+
+def test_exercise_check_stops_an_answer_that_never_finishes(tmp_path):
+    """An answer that loops forever: check --timeout 2 stops the tests after 2 s and says in one sentence that
+    the answer did not finish in time, exit code 1; the process that ran the loop is gone. --timeout 0 is
+    refused (exit 2)."""
+    import time
+    import exercise
+    copy = tmp_path / "kl"
+    assert run_exercise("make", "kl", "--into", str(copy)).returncode == 0
+    pid_file = tmp_path / "pid"
+    network = copy / "network.py"
+    network.write_text(exercise.replace_body(network.read_text(), "kl", f"""
+        import os
+        with open({str(pid_file)!r}, "w") as f:
+            f.write(str(os.getpid()))
+        while True:
+            pass
+        """))
+    started = time.monotonic()
+    result = run_exercise("check", "kl", "--from", str(copy), "--timeout", "2", timeout=90)
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "kl: the answer did not finish in 2 s" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr and result.stdout.strip().splitlines()[-1].endswith(".")
+    assert time.monotonic() - started < 60
+    pid = int(pid_file.read_text())  # the loop did run
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    no_time = run_exercise("check", "kl", "--from", str(copy), "--timeout", "0")
+    assert no_time.returncode == 2 and "Traceback" not in no_time.stderr
+    assert "--timeout: must be a positive number of seconds" in no_time.stderr.strip().splitlines()[-1]
+
+
+def test_exercise_make_refuses_unwritable_folders_and_the_projects_own_files(tmp_path):
+    """make --into a path under a regular file (unwritable even for root), or /proc/x: exit 2, one sentence.
+    --into the project itself with --force (a copy of the project, with its exercise.py, so that this test can
+    never write over this one), as '.' or by its path; --into another folder holding the project's code; and
+    --into a folder of files that make did not write: each refused, exit 2 in one sentence, every file as it
+    was."""
+    import exercise
+    (tmp_path / "a-file").write_text("")
+    assert_refused(run_exercise("make", "kl", "--into", str(tmp_path / "a-file" / "copy")), "cannot write")
+    if sys.platform.startswith("linux"):
+        assert_refused(run_exercise("make", "kl", "--into", "/proc/x"), "cannot write")
+    project = tmp_path / "project"
+    exercise.copy_project(HERE, str(project))
+    (project / "exercise.py").write_text(open(os.path.join(HERE, "exercise.py")).read())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "network.py").write_text("# my own network\n")
+
+    def contents():
+        return {path: path.read_bytes() for folder in (project, mine) for path in sorted(folder.iterdir())}
+    before = contents()
+    for script, into, cwd in ((project / "exercise.py", ".", project),
+                              (project / "exercise.py", str(project), tmp_path),
+                              (None, str(project), None)):
+        assert_refused(run_exercise("make", "kl", "--into", into, "--force", script=script and str(script),
+                                    cwd=cwd), "the project's own code")
+    assert_refused(run_exercise("make", "kl", "--into", str(mine), "--force"), "network.py", ".exercise")
+    assert contents() == before
+
+
+def test_exercise_copies_are_ignored_by_git():
+    """.gitignore ignores the exercise-NAME/ folders that make writes by default (and git agrees, where this
+    is a git work tree)."""
+    import fnmatch
+    import shutil
+    with open(os.path.join(HERE, ".gitignore")) as f:
+        patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert any(fnmatch.fnmatch("exercise-gae/", pattern) for pattern in patterns), patterns
+    if shutil.which("git") and subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=HERE,
+                                              capture_output=True).returncode == 0:
+        assert subprocess.run(["git", "check-ignore", "-q", "--no-index", "exercise-gae/trpo_numpy.py"],
+                              cwd=HERE).returncode == 0
+
+
+def test_exercise_list_follows_the_order_of_exercises_md():
+    """EXERCISES.md's headings '## N. `function` (file)' are numbered 1, 2, ... and name, in order, the
+    functions and files of exercise.EXERCISES; each section's make command names its exercise; and
+    `exercise.py list` gives the exercises in that order."""
+    import re
+    import exercise
+    with open(os.path.join(HERE, "EXERCISES.md")) as f:
+        text = f.read()
+    headings = re.findall(r"^## (\d+)\. `([\w.]+)` \(([\w.]+)\)$", text, re.MULTILINE)
+    assert [int(number) for number, _, _ in headings] == list(range(1, len(headings) + 1))
+    assert [(function, file) for _, function, file in headings] == \
+        [(e.function, e.file) for e in exercise.EXERCISES]
+    assert re.findall(r"^- Make it: `python exercise\.py make (\w+)`", text, re.MULTILINE) == \
+        [e.name for e in exercise.EXERCISES]
+    listed = run_exercise("list")
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [e.name for e in exercise.EXERCISES]

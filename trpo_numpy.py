@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import cli
 import run_files
 from network import MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, log_softmax, sample, softmax
 from run_files import UserError
@@ -686,13 +687,15 @@ def solved(history, stop_return):
     return stop_return is not None and bool(history) and history[-1]["rolling_return"] >= stop_return
 
 
-def train(cfg, verbose=True, resume=None):
+def train(cfg, verbose=True, resume=None, progress_bar=True):
     """Train a policy with TRPO, writing progress.csv, config.json, checkpoint.npz, policy.npz and
-    plots to cfg.out_dir(). `resume` is a snapshot (read_checkpoint) to continue from. cfg is
-    taken as valid: the command line checks it first (cli.validate).
+    plots to cfg.out_dir(). `resume` is a snapshot (read_checkpoint) to continue from. verbose
+    prints a log line per iteration, progress_bar draws a bar on a terminal.
 
-    Returns (policy_net, theta, history) where history holds one dict per iteration."""
-    obs_dim, num_actions = env_dims(cfg.env)  # a bad --env fails here, before any folder or worker
+    Returns (policy_net, theta, history) where history holds one dict per iteration. From Python:
+        net, theta, history = train(scheme_config("single", env="CartPole-v1", total_steps=50_000))"""
+    cli.validate(cfg)  # a value the algorithm cannot run with ends here, in one sentence (UserError)
+    obs_dim, num_actions = env_dims(cfg.env)  # a bad env fails here, before any folder or worker
     rng = np.random.default_rng(cfg.seed)
     policy_net = MLP([obs_dim, *cfg.hidden, num_actions])
     theta = policy_net.init(rng, output_gain=0.01)  # every action nearly equally likely at first
@@ -700,10 +703,14 @@ def train(cfg, verbose=True, resume=None):
     state = TrainingState(cfg, policy_net, value_fn, rng, theta)
     if resume is not None:
         state.restore(resume)
+    if verbose:
+        cli.notes(cfg, state.env_steps)  # what the run will do otherwise than asked (whole batches, ...)
     run = run_files.RunFolder(
-        cfg.out_dir(), dataclasses.asdict(cfg), state.run_id, state.history, resuming=resume is not None,
-        sizes=(policy_net.sizes, value_fn.net.sizes), verbose=verbose,
+        cfg.out_dir(), not cfg.out, dataclasses.asdict(cfg), state.run_id, state.history,
+        resuming=resume is not None, sizes=(policy_net.sizes, value_fn.net.sizes), verbose=verbose,
+        progress_bar=progress_bar,
         plot_labels=dict(scheme_name=SCHEME_NAMES[cfg.scheme], solved_at=reward_threshold(cfg.env)))
+    cfg.out = run.out_dir  # without --out, a new folder: runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken
     # After a resume the simulators cannot be restored (Box2D state is not saved): the
     # environments start new episodes, seeded from the restored generator.
     sampler = make_sampler(cfg, rng, value_fn)
@@ -717,7 +724,7 @@ def train(cfg, verbose=True, resume=None):
             state.wall_s = row["wall_s"] = time.perf_counter() - start
             state.history.append(row)
             snapshot = state.snapshot()
-            run.record(row, snapshot)  # progress.csv, the log line; checkpoint.npz every save_every
+            run.record(row, snapshot)  # progress.csv, the log line; every save_every, checkpoint and policy
     finally:
         # Whatever stopped the loop (the end, Ctrl-C, an error), keep what the finished iterations
         # made; a second Ctrl-C waits until that is written.
@@ -882,7 +889,9 @@ class VineTrunk(SinglePathSampler):
         falls, then lies on the ground), which puts the figure on the side of replaying."""
         def twenty_steps():
             for _ in range(20):
-                self.spare.step(0)  # engines off: falling, then lying on the ground
+                _, _, terminated, truncated, _ = self.spare.step(0)  # LunarLander: falling, then lying
+                if terminated or truncated:  # an episode this short (CartPole) starts again
+                    self.spare.reset(seed=0)
         self.spare.reset(seed=0)
         twenty_steps()  # warm up
         seconds, fork_seconds = self.pool.fork_overhead(twenty_steps)
@@ -1107,6 +1116,5 @@ def make_sampler(cfg, rng, value_fn):
     return ParallelSampler(single_path_sampler, cfg.env, env_seeds, action_seeds, cfg.workers)
 
 
-if __name__ == "__main__":
-    import cli  # the command line; it is handed this module rather than importing it a second time
+if __name__ == "__main__":  # the command line is cli.py's; it is handed this module, not importing it again
     sys.exit(cli.main(sys.argv[1:], sys.modules[__name__]))
