@@ -1,9 +1,9 @@
 """bench.py: how fast TRPO learns LunarLander-v3 here, and how close to the simulator's speed it runs.
 
-Each seed trains with the scheme's default settings (trpo_numpy.Config and
-SCHEME_DEFAULTS). Measured in the same process, just before that seed's run and
-again just after it: the raw stepping rate of the bare simulator (one environment,
-random actions); the mean of the two is the ceiling that training is compared with.
+Each seed (by default 0 to 9) trains with the scheme's default settings (trpo_numpy.Config
+and SCHEME_DEFAULTS), and --total-steps when given. Measured in the same process, just before
+that seed's run and again just after it: the raw stepping rate of the bare simulator (one
+environment, random actions); the mean of the two is the ceiling that training is compared with.
 
 Single path (--scheme single), per seed: the end-to-end env steps per second
 (sampling AND updates) as a ratio to the ceiling; the env steps and wall seconds
@@ -12,37 +12,50 @@ policy's mean return over evaluation episodes on seeds training never used,
 greedy (most likely action) and sampled.
 
 Vine (--scheme vine), per seed, with the vine's defaults (it stops once the rolling
-100-episode trunk mean reaches 200, or after 150 iterations): iterations, trunk env
-steps, all simulated steps (trunk and branches) and wall seconds to 200; the
-simulator's utilisation, i.e. trunk and branch steps per second as a ratio of the
-ceiling times the cores; the cost of one fork restore plus a branch, against plain
+100-episode trunk mean reaches 200, or after 150 iterations, or after --total-steps trunk steps
+when that is given): iterations, trunk env steps, all simulated steps (trunk and branches) and
+wall seconds to 200; the simulator's utilisation, i.e. trunk and branch steps per second as a
+ratio of the ceiling times the cores; the cost of one fork restore plus a branch, against plain
 env steps; and the final policy's greedy evaluation.
 
-It prints a Markdown table, writes it and a JSON file to bench_results/, and
-plots every seed's learning curve to plots/<scheme>_learning_curves.png (under --out
-instead, when --out is given).
+It prints a Markdown table and writes, never over a file it did not make in this run, into a
+new folder of its own: bench_runs/<scheme>, or <out>/<scheme> with --out (numbered -2, -3, ...
+when that folder exists): the table <scheme>.md, the JSON <scheme>.json (rewritten after every
+seed, so a benchmark stopped early keeps the seeds it finished), every seed's learning curve in
+<scheme>_learning_curves.png, and each seed's training run in runs/<scheme>-seed<N>.
+
+The results README.md and RESULTS.md show (bench_results/<scheme>.md and .json,
+plots/<scheme>_learning_curves.png, plots/trust_region.png) are replaced only with --publish,
+once every seed has finished.
 
 Usage:
-  python bench.py --scheme single --seeds 0 1 2 3 4
-  python bench.py --scheme vine --seeds 0 1 2 3 4
+  python bench.py --scheme single --seeds 0 1 --total-steps 200000   # a quick look: bench_runs/single/
+  python bench.py --scheme single --publish    # regenerates bench_results/single.* and plots/single_learning_curves.png
+  python bench.py --scheme vine --publish      # regenerates bench_results/vine.* and plots/vine_learning_curves.png
+  python bench.py --trust-region-demo --publish    # regenerates plots/trust_region.png
+
+Exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C or SIGTERM.
 """
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
-import trpo_numpy as T  # first: it sets up the process (BLAS threads) before NumPy loads
+import parallel  # first: it sets up the process (BLAS threads; Ctrl-C noted while importing) before NumPy loads
+parallel.set_up_process(main=__name__ == "__main__")
+import trpo_numpy as T
 import cli
-import parallel
 import run_files
 import numpy as np
 from network import MLP
+from run_files import UserError
 
 SOLVED = 200.0
-DEFAULT_OUT = "bench_results"
+DEFAULT_OUT = "bench_runs"  # each benchmark in a new folder <out>/<scheme> (numbered if taken)
+HERE = os.path.dirname(os.path.abspath(__file__))
+PUBLISHED_RESULTS = os.path.join(HERE, "bench_results")  # what README.md and RESULTS.md show: only with --publish
+PUBLISHED_PLOTS = os.path.join(HERE, "plots")
 
 
 def raw_ceiling(env_id, steps=20_000, seed=0):
@@ -88,15 +101,17 @@ def first_crossing(history, threshold=SOLVED):
     return next((row for row in history if row["rolling_return"] >= threshold), None)
 
 
-def bench_seed(scheme, seed, total_steps, eval_episodes, out_root):
+def seed_config(scheme, seed, total_steps, out):
+    """One seed's Config: the scheme's defaults, and total_steps when the user gave --total-steps (else
+    the single path's 1,000,000 steps, or the vine's at most VINE_ITERATIONS iterations, stopping at 200)."""
+    given = {} if total_steps is None else {"total_steps": total_steps}
+    return T.scheme_config(scheme, seed=seed, out=out, **given)
+
+
+def bench_seed(cfg, eval_episodes):
+    """Train one seed's run (cfg, its folder cfg.out new and empty) and measure it: a dict of results."""
+    scheme, seed = cfg.scheme, cfg.seed
     ceiling_before = raw_ceiling(T.Config.env, seed=seed)
-    out = os.path.join(out_root, f"{scheme}-seed{seed}")
-    if os.path.isdir(out):  # the previous benchmark's run of this seed: the benchmark's own scratch space
-        shutil.rmtree(out)
-    if scheme == "vine":  # its defaults: at most T.VINE_ITERATIONS iterations, stopping once solved (200)
-        cfg = T.scheme_config(scheme, seed=seed, out=out)
-    else:
-        cfg = T.scheme_config(scheme, seed=seed, out=out, total_steps=total_steps)
     net, theta, history = T.train(cfg, verbose=False)
     # The machine's speed drifts (a shared virtual machine's by 30% within minutes): the ceiling
     # the run is compared with is the mean of one measure just before it and one just after.
@@ -106,6 +121,7 @@ def bench_seed(scheme, seed, total_steps, eval_episodes, out_root):
     last = history[-1]
     result = {
         "seed": seed,
+        "run_dir": cfg.out,
         "ceiling_steps_per_s": ceiling,
         "ceiling_before_and_after": [ceiling_before, ceiling_after],
         "iterations": last["iteration"],
@@ -172,10 +188,10 @@ def single_table(results, eval_episodes):
     return "\n".join(lines)
 
 
-def vine_table(results):
+def vine_table(results, eval_episodes=100):
     lines = [
         "| seed | iterations to 200 | trunk steps to 200 | simulated steps to 200 | seconds to 200 | "
-        "utilisation | raw ceiling steps/s | fork restore + branch | greedy eval (100 ep) |",
+        f"utilisation | raw ceiling steps/s | fork restore + branch | greedy eval ({eval_episodes} ep) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -198,7 +214,29 @@ def vine_table(results):
     return "\n".join(lines)
 
 
-def plot_curves(results, scheme, path):
+def save_figure(fig, paths):
+    """fig as a PNG at each of paths, then closed; a file that cannot be written is a UserError."""
+    import matplotlib.pyplot as plt
+    try:
+        for path in paths:
+            try:
+                fig.savefig(path, dpi=100)
+            except OSError as e:
+                raise UserError(f"cannot write '{path}': {e.strerror or e}.") from None
+    finally:
+        plt.close(fig)
+
+
+def write_text(path, text):
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"cannot write '{path}': {e.strerror or e}.") from None
+
+
+def plot_curves(results, scheme, paths):
+    """Every seed's learning curve in one figure, written to each of paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -215,26 +253,39 @@ def plot_curves(results, scheme, path):
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, paths)
 
 
-def trust_region_demo(seed, max_kl, total_steps, out_root, path):
+TRUST_REGION_DEMO = dict(max_kl=1.0, total_steps=300_000)  # delta = 1: far too large a step without the line search
+TRUST_REGION_RUNS = ((True, "TRPO (line search: KL <= delta)"), (False, "--no-trust-region"))
+
+
+def trust_region_config(seed, trust_region, total_steps=None, out=""):
+    settings = dict(TRUST_REGION_DEMO, **({} if total_steps is None else {"total_steps": total_steps}))
+    return T.Config(seed=seed, trust_region=trust_region, out=out, **settings)
+
+
+def trust_region_demo(seed, total_steps, folder, paths):
     """Train twice on one seed with a large delta: TRPO, then the same natural-gradient steps without
-    the line search (--no-trust-region). Plots both learning curves and the KL each step reached."""
+    the line search (--no-trust-region), each in a new folder under folder/runs. Plots both learning
+    curves and the KL each step reached, to each of paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    max_kl = TRUST_REGION_DEMO["max_kl"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for trust_region, label in ((True, "TRPO (line search: KL <= delta)"), (False, "--no-trust-region")):
-        cfg = T.Config(seed=seed, max_kl=max_kl, total_steps=total_steps, trust_region=trust_region,
-                       out=os.path.join(out_root, f"trust-region-{trust_region}"))
-        history = T.train(cfg, verbose=False)[2]
-        steps = [row["env_steps"] for row in history]
-        left.plot(steps, [row["rolling_return"] for row in history], label=label)
-        right.semilogy(steps, [row["kl"] for row in history], ".", label=label)
-        print(f"{label}: final rolling return {history[-1]['rolling_return']:.1f}, "
-              f"KL above delta in {sum(row['kl'] > max_kl for row in history)} of {len(history)} steps")
+    try:
+        for trust_region, label in TRUST_REGION_RUNS:
+            out = run_files.new_numbered_folder(os.path.join(folder, "runs", f"trust-region-{trust_region}"))
+            history = T.train(trust_region_config(seed, trust_region, total_steps, out), verbose=False)[2]
+            steps = [row["env_steps"] for row in history]
+            left.plot(steps, [row["rolling_return"] for row in history], label=label)
+            right.semilogy(steps, [row["kl"] for row in history], ".", label=label)
+            print(f"{label}: final rolling return {history[-1]['rolling_return']:.1f}, "
+                  f"KL above delta in {sum(row['kl'] > max_kl for row in history)} of {len(history)} steps")
+    except BaseException:
+        plt.close(fig)
+        raise
     right.axhline(max_kl, color="red", linestyle="--", label="delta")
     left.set(ylabel="mean return of last 100 episodes", title=f"seed {seed}, delta = {max_kl}")
     right.set(ylabel="mean KL(pi_old || pi_new) of the step taken")
@@ -243,63 +294,173 @@ def trust_region_demo(seed, max_kl, total_steps, out_root, path):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, paths)
+
+
+def build_parser():
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0],  # bad input: one sentence, exit code 2
+                                formatter_class=cli.HelpFormatter)
+    parser.add_argument("--scheme", default="single", choices=["single", "vine"], help="sampling scheme")
+    parser.add_argument("--seeds", type=cli.number(int), nargs="+", default=list(range(10)),
+                        help="training seeds, one run each")
+    parser.add_argument("--total-steps", type=cli.number(int), default=None,
+                        help=f"env steps of each run, when given: for either scheme (the vine counts its trunk's, "
+                             f"and still stops once its rolling return reaches 200) and for --trust-region-demo; "
+                             f"by default {T.Config.total_steps:,} for the single path, at most "
+                             f"{T.VINE_ITERATIONS} iterations for the vine, "
+                             f"{TRUST_REGION_DEMO['total_steps']:,} for the demo")
+    parser.add_argument("--eval-episodes", type=cli.number(int), default=100,
+                        help="evaluation episodes of each final policy")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="the benchmark writes into a new folder <out>/<scheme> (<out>/<scheme>-2, -3, ... "
+                             "if that exists; <out>/trust-region with --trust-region-demo): its table, JSON, "
+                             "learning curves, and each seed's run; nothing already there is ever written over")
+    parser.add_argument("--publish", action="store_true",
+                        help="also replace the results README.md shows, once every seed has finished: "
+                             "bench_results/<scheme>.md and .json and plots/<scheme>_learning_curves.png "
+                             "(plots/trust_region.png with --trust-region-demo)")
+    parser.add_argument("--trust-region-demo", action="store_true",
+                        help="instead: train the first seed with delta = 1 twice, with and without the line "
+                             "search, and plot both to trust_region.png")
+    return parser
+
+
+def check_arguments(args):
+    """Every seed's config checked (cli.validate), before any folder is made or training starts."""
+    negative = [seed for seed in args.seeds if seed < 0]
+    if negative:
+        raise UserError(f"--seeds must be zero or positive, got {negative[0]}.")
+    if args.eval_episodes < 1:
+        raise UserError(f"--eval-episodes must be positive, got {args.eval_episodes}.")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out '{args.out}' is a file, not a folder.")
+    if args.trust_region_demo:
+        configs = [trust_region_config(args.seeds[0], trust_region, args.total_steps)
+                   for trust_region, _ in TRUST_REGION_RUNS]
+    else:
+        configs = [seed_config(args.scheme, seed, args.total_steps, out="") for seed in args.seeds]
+    for cfg in configs:
+        cli.validate(cfg)
+
+
+class Benchmark:
+    """What a benchmark has done so far: its folder, the seeds finished, the run under way."""
+
+    def __init__(self, args, command):
+        self.args, self.command = args, command
+        self.folder, self.results, self.seed, self.run_dir, self.published = None, [], None, None, False
+
+    def run(self):
+        args = self.args
+        if args.trust_region_demo:
+            self.folder = run_files.new_numbered_folder(os.path.join(args.out, "trust-region"))
+            paths = [os.path.join(self.folder, "trust_region.png")]
+            if args.publish:
+                paths.append(os.path.join(published_folder(PUBLISHED_PLOTS), "trust_region.png"))
+            self.seed = args.seeds[0]
+            trust_region_demo(args.seeds[0], args.total_steps, self.folder, paths)
+            print("written: " + " and ".join(paths), file=sys.stderr)
+            return
+        self.folder = run_files.new_numbered_folder(os.path.join(args.out, args.scheme))
+        print(f"benchmark of seeds {' '.join(map(str, args.seeds))}: results in {self.folder}", file=sys.stderr)
+        for seed in args.seeds:
+            self.seed = seed
+            self.run_dir = run_files.new_numbered_folder(os.path.join(self.folder, "runs", f"{args.scheme}-seed{seed}"))
+            print(f"seed {seed}: training ...", file=sys.stderr, flush=True)
+            result = bench_seed(seed_config(args.scheme, seed, args.total_steps, self.run_dir), args.eval_episodes)
+            with parallel.signals_held():  # a Ctrl-C now waits until the table and JSON are whole
+                self.results.append(result)
+                self.seed = self.run_dir = None
+                # after every seed, so that a benchmark stopped early keeps the seeds it finished
+                table = self.write(self.folder)
+            print(seed_line(result), file=sys.stderr, flush=True)
+        if args.publish:
+            with parallel.signals_held():
+                self.write(published_folder(PUBLISHED_RESULTS), published_folder(PUBLISHED_PLOTS))
+                self.published = True
+            print(f"published: {os.path.join(PUBLISHED_RESULTS, args.scheme)}.md and .json, "
+                  f"{os.path.join(PUBLISHED_PLOTS, args.scheme)}_learning_curves.png", file=sys.stderr)
+        print(table)
+
+    def write(self, folder, plots=None):
+        """The table (returned; written with the JSON to folder) and the learning curves (to plots, else folder)."""
+        args, results = self.args, self.results
+        table = single_table(results, args.eval_episodes) if args.scheme == "single" else vine_table(results, args.eval_episodes)
+        done = [r["seed"] for r in results]
+        write_text(os.path.join(folder, f"{args.scheme}.md"),
+                   f"Produced by `{self.command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores"
+                   f"{'' if done == list(args.seeds) else f' (seeds finished so far: {done})'}.\n\n{table}\n")
+        config = seed_config(args.scheme, 0, args.total_steps, out="")  # every seed's, but for seed and out
+        write_text(os.path.join(folder, f"{args.scheme}.json"),
+                   json.dumps({"command": self.command, "config": T.dataclasses.asdict(config),
+                               "results": results}, indent=1))
+        plot_curves(results, args.scheme, [os.path.join(plots or folder, f"{args.scheme}_learning_curves.png")])
+        return table
+
+    def kept(self):
+        """What a benchmark that stopped early keeps, and where: for the one line saying it stopped."""
+        args = self.args
+        if args.trust_region_demo:
+            return (f"the trust-region demo did not finish; its runs so far are in {self.folder}" if self.folder
+                    else "the trust-region demo had not started")
+        if self.results:
+            seeds = ", ".join(str(r["seed"]) for r in self.results)
+            line = (f"seed{'s' if len(self.results) > 1 else ''} {seeds} finished, "
+                    f"{'their' if len(self.results) > 1 else 'its'} results are in "
+                    f"{self.folder} ({args.scheme}.md, {args.scheme}.json, {args.scheme}_learning_curves.png)")
+        else:
+            line = "no seed finished" + (f"; the benchmark's folder is {self.folder}" if self.folder else "")
+        if self.run_dir and run_files.holds_a_run(self.run_dir):
+            line += f"; seed {self.seed}'s unfinished run is in {self.run_dir}"
+        if args.publish:
+            line += f"; the published results were {'replaced' if self.published else 'not changed'}"
+        return line
+
+
+def published_folder(path):
+    """path (bench_results/ or plots/, for --publish), made if missing."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot make the folder '{path}': {e.strerror or e}.") from None
+    return path
+
+
+def seed_line(r):
+    """One line on stderr when a seed has finished: when it reached 200, or that it did not."""
+    if r["steps_to_200"] is not None:
+        return (f"seed {r['seed']}: reached 200 at {r['steps_to_200']:,} steps, iteration {r['iterations_to_200']}, "
+                f"{r['seconds_to_200']:.0f} s; run in {r['run_dir']}")
+    final = r["final_rolling_return"]
+    return (f"seed {r['seed']}: did not reach 200 in {r['total_env_steps']:,} steps ({r['iterations']} iteration{'s' if r['iterations'] != 1 else ''}, "
+            f"{r['total_wall_s']:.0f} s; " + ("no episode finished" if np.isnan(final) else
+                                              f"rolling mean {final:.1f} at the end") + f"); run in {r['run_dir']}")
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description=__doc__.split("\n")[0],  # bad input: one sentence, exit code 2
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--scheme", default="single", choices=["single", "vine"], help="sampling scheme")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
-    parser.add_argument("--total-steps", type=int, default=T.Config.total_steps,
-                        help=f"env steps per single-path run (the vine runs at most {T.VINE_ITERATIONS} iterations)")
-    parser.add_argument("--eval-episodes", type=int, default=100, help="evaluation episodes of each final policy")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the table, JSON and run outputs; with "
-                        "the default, the figures go to plots/ (the ones README.md shows), otherwise under --out too")
-    parser.add_argument("--trust-region-demo", action="store_true",
-                        help="instead: train the first seed with delta = 1 twice, with and without the line "
-                             "search, for 300,000 steps each, and plot both to trust_region.png (in plots/ by default)")
-    args = parser.parse_args(argv)
-    if args.total_steps < 1 or args.eval_episodes < 1:
-        parser.error("--total-steps and --eval-episodes must be positive")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out '{args.out}' is a file, not a folder")
-
-    os.makedirs(args.out, exist_ok=True)
-    plots = "plots" if args.out == DEFAULT_OUT else args.out
-    os.makedirs(plots, exist_ok=True)
-    if args.trust_region_demo:
-        trust_region_demo(args.seeds[0], 1.0, 300_000, os.path.join(args.out, "runs"),
-                          os.path.join(plots, "trust_region.png"))
-        return
-    results = []
+    """The command line; returns the exit code (0 done, 1 a worker died, 2 bad input, 130 stopped)."""
+    args = build_parser().parse_args(argv)
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    for seed in args.seeds:
-        print(f"seed {seed}: training ...", file=sys.stderr, flush=True)
-        results.append(bench_seed(args.scheme, seed, args.total_steps, args.eval_episodes,
-                                  os.path.join(args.out, "runs")))
-        r = results[-1]
-        print(f"seed {seed}: 200 at {fmt(r['steps_to_200'], ',d')} steps, iteration "
-              f"{fmt(r['iterations_to_200'], 'd')}, {fmt(r['seconds_to_200'], '.0f')} s", file=sys.stderr, flush=True)
-        # after every seed, so that a benchmark stopped early keeps the seeds it finished
-        write_results(results, args, command, plots)
-    print(write_results(results, args, command, plots))
-
-
-def write_results(results, args, command, plots):
-    """The table (returned, and written with the JSON to args.out) and the learning-curve figure."""
-    table = single_table(results, args.eval_episodes) if args.scheme == "single" else vine_table(results)
-    done = [r["seed"] for r in results]
-    with open(os.path.join(args.out, f"{args.scheme}.md"), "w") as f:
-        f.write(f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores"
-                f"{'' if done == list(args.seeds) else f' (seeds finished so far: {done})'}.\n\n{table}\n")
-    with open(os.path.join(args.out, f"{args.scheme}.json"), "w") as f:
-        config = T.scheme_config(args.scheme)
-        json.dump({"command": command, "config": T.dataclasses.asdict(config), "results": results}, f, indent=1)
-    plot_curves(results, args.scheme, os.path.join(plots, f"{args.scheme}_learning_curves.png"))
-    return table
+    bench = Benchmark(args, command)
+    parallel.stop_on_signals()  # from here on Ctrl-C and SIGTERM stop the benchmark, keeping the seeds finished
+    try:
+        parallel.raise_if_stop_requested()  # a Ctrl-C that came while Python was importing
+        check_arguments(args)
+        bench.run()
+    except UserError as e:  # bad input (before anything is made), or a file that cannot be written
+        print(f"error: {e}" + (f" The benchmark stopped: {bench.kept()}." if bench.folder else ""),
+              file=sys.stderr)
+        return 2
+    except parallel.ProcessFailed as e:
+        parallel.ignore_stop_signals()
+        print(f"error: {e}; the benchmark stopped: {bench.kept()}.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
+        print(f"stopped: {bench.kept()}.", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -152,19 +152,19 @@ def holds_a_run(path):
 def new_numbered_folder(path):
     """Create and return the first of path, path-2, path-3, ... that does not exist yet (as
     Stable-Baselines3 numbers PPO_1, PPO_2). os.mkdir either creates a folder or finds it there,
-    atomically: two runs started at the same moment get two folders."""
+    atomically: two runs started at the same moment get two folders, and no one's folder is taken."""
+    candidate, number = path, 1
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        number = 1
         while True:
-            candidate = path if number == 1 else f"{path}-{number}"
             try:
                 os.mkdir(candidate)
                 return candidate
             except FileExistsError:
                 number += 1
+                candidate = f"{path}-{number}"
     except OSError as e:
-        raise UserError(f"cannot create an output folder at '{path}': {e.strerror or e}.") from None
+        raise UserError(f"cannot make the folder '{candidate}': {e.strerror or e}.") from None
 
 
 def check_folder_is_free(out_dir):

@@ -1023,3 +1023,268 @@ def test_exercise_list_follows_the_order_of_exercises_md():
         [e.name for e in exercise.EXERCISES]
     listed = run_exercise("list")
     assert [line.split()[0] for line in listed.stdout.splitlines()] == [e.name for e in exercise.EXERCISES]
+
+
+# ----------------------------------------------------------------------------
+# bench.py: nothing lost, nothing silent
+# ----------------------------------------------------------------------------
+
+def files_under(folder):
+    """{path relative to folder: its bytes} of every file under folder."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+def small_scheme_config(real):
+    """trpo_numpy.scheme_config, but CartPole-v1 with a batch of 4 x 64 steps and one process: a bench
+    seed of --total-steps 512 trains in a moment."""
+    import dataclasses
+
+    def scheme_config(scheme="single", **given):
+        return dataclasses.replace(real(scheme, **given), env="CartPole-v1", num_envs=4, steps_per_env=64,
+                                   hidden=(8,), workers=1, vine_states=8, vine_horizon=10)
+    return scheme_config
+
+
+@pytest.fixture
+def bench_module(tmp_path, monkeypatch):
+    """bench.py imported into this process, run in tmp_path, with a constant for the simulator's ceiling,
+    bench_results/ and plots/ (the published results) in tmp_path, and the signal handlers it installs
+    restored afterwards."""
+    import signal
+    import bench
+    handlers = {s: signal.getsignal(s) for s in parallel.STOP_SIGNALS}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "raw_ceiling", lambda env_id, steps=0, seed=0: 10_000.0)
+    monkeypatch.setattr(bench, "PUBLISHED_RESULTS", str(tmp_path / "bench_results"), raising=False)
+    monkeypatch.setattr(bench, "PUBLISHED_PLOTS", str(tmp_path / "plots"), raising=False)
+    yield bench
+    for stop_signal, handler in handlers.items():
+        signal.signal(stop_signal, handler)
+
+
+@pytest.fixture
+def fast_bench(bench_module, monkeypatch):
+    """bench_module whose seeds train on CartPole-v1 with a small batch (small_scheme_config)."""
+    monkeypatch.setattr(T, "scheme_config", small_scheme_config(T.scheme_config))
+    monkeypatch.setattr(bench_module, "restore_cost", lambda cfg, branches=0: (1e-3, 10.0))
+    return bench_module
+
+
+def run_bench(bench, capsys, *args):
+    """bench.main(args) in this process: (exit code, stdout, stderr)."""
+    try:
+        code = bench.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped bench.main")
+    captured = capsys.readouterr()
+    return code or 0, captured.out, captured.err
+
+
+def test_bench_never_deletes_or_overwrites_what_it_did_not_make(fast_bench, tmp_path, capsys):
+    """A user's run in <out>/runs/single-seed0 (with a file of their own in it), a folder <out>/single and
+    files <out>/single.md, <out>/single.json of theirs: two benchmarks of seed 0 with --out leave every one
+    of those bytes as they were, the second leaves every file of the first as it was, and each seed's run is
+    in a folder of its own that holds its run."""
+    out = tmp_path / "out"
+    user_run = out / "runs" / "single-seed0"
+    user_run.mkdir(parents=True)
+    (user_run / "config.json").write_text('{"mine": true}')
+    (user_run / "my-notes.txt").write_text("my notes")
+    (out / "single").mkdir()
+    (out / "single" / "single.md").write_text("my table")
+    (out / "single.md").write_text("my table")
+    (out / "single.json").write_text("{}")
+    before = files_under(out)
+    run_dirs = []
+    for _ in range(2):
+        earlier = files_under(out)
+        code, _, err = run_bench(fast_bench, capsys, "--seeds", 0, "--total-steps", 512, "--eval-episodes", 2,
+                                 "--out", out)
+        assert code == 0, err
+        after = files_under(out)
+        assert {k: after.get(k) for k in earlier} == earlier  # nothing there before was changed or removed
+        tables = sorted(set(after) - set(earlier))
+        written = [os.path.join(out, k) for k in tables if k.endswith(".json") and "runs" not in k]
+        assert len(written) == 1, tables
+        with open(written[0]) as f:
+            run_dirs += [r["run_dir"] for r in json.load(f)["results"]]
+    assert files_under(out).items() >= before.items()
+    assert len(set(run_dirs)) == 2 and str(user_run) not in run_dirs
+    for run_dir in run_dirs:
+        assert run_files.holds_a_run(run_dir) and os.path.exists(os.path.join(run_dir, "policy.npz"))
+
+
+def test_bench_writes_the_published_results_only_with_publish(fast_bench, tmp_path, capsys, monkeypatch):
+    """A quick benchmark with the default --out leaves bench_results/single.md, .json and
+    plots/single_learning_curves.png (what README.md shows) as they were, and writes its own into a new
+    folder, bench_runs/single; with --publish it replaces those three and leaves plots/trust_region.png.
+    --trust-region-demo writes plots/trust_region.png only with --publish too. The docstring's usage lines
+    name --publish as the command that regenerates the published results."""
+    published = {"bench_results/single.md": "published", "bench_results/single.json": "{}",
+                 "plots/single_learning_curves.png": "published", "plots/trust_region.png": "published"}
+    for name, text in published.items():
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        (tmp_path / name).write_text(text)
+
+    def unchanged():
+        return {name for name, text in published.items() if (tmp_path / name).read_text(errors="replace") == text}
+
+    quick = ["--seeds", 0, "--total-steps", 512, "--eval-episodes", 2]
+    code, _, err = run_bench(fast_bench, capsys, *quick)
+    assert code == 0, err
+    assert unchanged() == set(published)
+    assert (tmp_path / "bench_runs" / "single" / "single.md").read_text().startswith("Produced by")
+    assert (tmp_path / "bench_runs" / "single" / "single_learning_curves.png").exists()
+    code, _, err = run_bench(fast_bench, capsys, *quick, "--publish")
+    assert code == 0, err
+    assert unchanged() == {"plots/trust_region.png"}
+    assert (tmp_path / "bench_results" / "single.md").read_text().startswith("Produced by")
+    assert (tmp_path / "bench_runs" / "single-2" / "single.md").exists()  # its own copy, in a new folder
+
+    def small_demo(seed, trust_region, total_steps=None, out=""):
+        return short_config(tmp_path, "unused", seed=seed, trust_region=trust_region, max_kl=1.0,
+                            total_steps=total_steps or 256, num_envs=4, steps_per_env=64, workers=1, out=out)
+    monkeypatch.setattr(fast_bench, "trust_region_config", small_demo, raising=False)
+    code, _, err = run_bench(fast_bench, capsys, "--trust-region-demo", "--total-steps", 256)
+    assert code == 0, err
+    assert "plots/trust_region.png" in unchanged()
+    assert (tmp_path / "bench_runs" / "trust-region" / "trust_region.png").exists()
+    code, _, err = run_bench(fast_bench, capsys, "--trust-region-demo", "--total-steps", 256, "--publish")
+    assert code == 0, err
+    assert not unchanged()
+    usage = fast_bench.__doc__.split("Usage:")[1]
+    for published_file in ("bench_results/single", "bench_results/vine", "plots/trust_region.png"):
+        assert any(published_file in line and "--publish" in line for line in usage.splitlines()), published_file
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "-1"], "--seeds must be zero or positive"),
+    (["--seeds", "0", "3", "-2"], "--seeds must be zero or positive, got -2"),
+    (["--total-steps", "10"], "more environments than --total-steps 10"),
+    (["--scheme", "vine", "--total-steps", "10"], "more environments than --total-steps 10"),
+    (["--eval-episodes", "0"], "--eval-episodes must be positive"),
+    (["--out", "/proc/x"], "cannot make the folder"),
+    (["--out", "{tmp}/a-file/below-it"], "cannot make the folder"),  # fails for root too
+])
+def test_bench_refuses_bad_input_before_training_in_one_sentence(bench_module, tmp_path, capsys, monkeypatch,
+                                                                  args, words):
+    """bench.py with a negative seed, fewer --total-steps than one step of every environment (for either
+    scheme), no evaluation episodes, an --out it cannot make (in /proc, below a regular file): exit code 2,
+    one sentence on stderr, no traceback, and no training started."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+    monkeypatch.setattr(T, "train", no_training)
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run_bench(bench_module, capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_bench_refuses_a_read_only_out_and_too_few_steps_as_a_program(tmp_path):
+    """As a program: bench.py --total-steps 10 and, where permissions hold (not for root), --out a folder
+    it may not write in: exit code 2, one line on stderr, no traceback."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    cases = [["--total-steps", "10"]]
+    if not os.access(read_only, os.W_OK):  # root may write anywhere
+        cases.append(["--out", str(read_only), "--total-steps", "16384"])
+    for args in cases:
+        result = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), *args], capture_output=True,
+                                text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    read_only.chmod(0o700)
+
+
+BENCH_DRIVER = """
+import dataclasses, sys
+import bench, trpo_numpy as T
+real = T.scheme_config
+def scheme_config(scheme="single", **given):  # seed 0 trains 512 steps of CartPole, seed 1 until stopped
+    cfg = real(scheme, **given)
+    return dataclasses.replace(cfg, env="CartPole-v1", num_envs=4, steps_per_env=64, hidden=(8,), workers=1,
+                               total_steps=512 if cfg.seed == 0 else 10 ** 9)
+T.scheme_config = scheme_config
+bench.raw_ceiling = lambda env_id, steps=0, seed=0: 10000.0
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sends SIGINT")
+def test_bench_ctrl_c_keeps_the_finished_seeds_and_says_where_in_one_line(tmp_path):
+    """Ctrl-C (SIGINT) while seed 1 trains, seed 0 finished: exit code 130, no traceback, a last line saying
+    seed 0 finished and naming the folder whose table holds its results; seed 1's run saved in its folder."""
+    import glob
+    import signal
+    import time
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=HERE)
+    process = subprocess.Popen([sys.executable, "-c", BENCH_DRIVER, "--seeds", "0", "1", "--eval-episodes", "2",
+                                "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not glob.glob(str(out / "**" / "single-seed1*" / "progress.csv"), recursive=True):
+        assert process.poll() is None and time.time() < deadline, "seed 1 never started"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped: seed 0 finished") and "seed 1's unfinished run is in" in last, last
+    folder = last.split("results are in ")[1].split(" (")[0]
+    assert "| 0 |" in (tmp_path / folder / "single.md").read_text()
+    with open(tmp_path / folder / "single.json") as f:
+        assert [r["seed"] for r in json.load(f)["results"]] == [0]
+    seed1 = last.split("unfinished run is in ")[1].rstrip(".")
+    assert os.path.exists(tmp_path / seed1 / "checkpoint.npz")
+
+
+@needs_fork
+def test_bench_total_steps_applies_to_the_vine(fast_bench, capsys, monkeypatch):
+    """bench.py --scheme vine --total-steps 512 trains each seed for 512 trunk steps (not the vine's
+    default of 150 iterations), and --help says --total-steps applies to the vine."""
+    real_train, totals = T.train, []
+
+    def train(cfg, **kwargs):
+        totals.append(cfg.total_steps)
+        assert cfg.total_steps == 512, "the vine's --total-steps was ignored"
+        return real_train(cfg, **kwargs)
+    monkeypatch.setattr(T, "train", train)
+    code, _, err = run_bench(fast_bench, capsys, "--scheme", "vine", "--seeds", 0, "--total-steps", 512,
+                             "--eval-episodes", 2)
+    assert code == 0, err
+    assert totals == [512]
+    with open(os.path.join("bench_runs", "vine", "vine.json")) as f:
+        assert json.load(f)["results"][0]["total_env_steps"] == 512
+    code, out, _ = run_bench(fast_bench, capsys, "--help")
+    help_text = " ".join(out.split())
+    assert code == 0 and "--total-steps" in help_text
+    total_steps_help = help_text.split("--total-steps TOTAL_STEPS")[-1].split("--eval-episodes EVAL_EPISODES")[0]
+    assert "vine" in total_steps_help and "when given" in total_steps_help
+
+
+def test_bench_says_when_a_seed_did_not_reach_200(fast_bench, capsys):
+    """A seed whose rolling mean never reached 200: its line says so, with the steps it trained and the
+    rolling mean at the end, and never prints 'never' as a number of steps or seconds."""
+    code, _, err = run_bench(fast_bench, capsys, "--seeds", 0, "--total-steps", 512, "--eval-episodes", 2)
+    assert code == 0, err
+    line = next(line for line in err.splitlines() if line.startswith("seed 0:") and "training" not in line)
+    assert "did not reach 200 in 512 steps" in line and "rolling mean" in line and "never" not in line, line
+
+
+def test_bench_seeds_default_to_0_to_9(bench_module, capsys):
+    """bench.py's --seeds is 0 1 2 ... 9 by default, for either scheme, and --help says so."""
+    assert bench_module.build_parser().parse_args([]).seeds == list(range(10))
+    assert bench_module.build_parser().parse_args(["--scheme", "vine"]).seeds == list(range(10))
+    code, out, _ = run_bench(bench_module, capsys, "--help")
+    assert code == 0 and "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in " ".join(out.split())
