@@ -60,7 +60,7 @@ PUBLISHED_PLOTS = os.path.join(HERE, "plots")
 
 def raw_ceiling(env_id, steps=20_000, seed=0):
     """Env steps per second of the bare simulator: one environment, random actions, this process."""
-    env = T.make_env(env_id)
+    env = cli.make_env(env_id)
     actions = np.random.default_rng(seed).integers(env.action_space.n, size=steps)
     env.reset(seed=seed)
     start = time.perf_counter()
@@ -77,8 +77,8 @@ def restore_cost(cfg, branches=100):
     """Wall seconds of one fork-restore + a branch of cfg.vine_horizon steps + collecting its Q,
     one at a time, with an untrained policy from states 50 steps into an episode."""
     rng = np.random.default_rng(0)
-    env = T.make_env(cfg.env)
-    obs_dim, num_actions = T.env_dims(cfg.env)
+    env = cli.make_env(cfg.env)
+    obs_dim, num_actions = cli.env_dims(cfg.env)
     net = MLP([obs_dim, *cfg.hidden, num_actions])
     theta = net.init(rng, output_gain=0.01)
     pool = parallel.ForkPool(max_children=1)
@@ -133,8 +133,8 @@ def bench_seed(cfg, eval_episodes):
         "iterations_to_200": solved["iteration"] if solved else None,
         "curve": [(row["env_steps"], row["rolling_return"]) for row in history],
     }
-    greedy = cli.evaluate_policy(T, net, theta, cfg.env, eval_episodes, greedy=True)
-    sampled = cli.evaluate_policy(T, net, theta, cfg.env, eval_episodes, greedy=False,
+    greedy = cli.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=True)
+    sampled = cli.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=False,
                                   rng=np.random.default_rng(seed))
     result.update(eval_greedy_mean=float(greedy.mean()), eval_greedy_std=float(greedy.std()),
                   eval_sampled_mean=float(sampled.mean()), eval_sampled_std=float(sampled.std()))

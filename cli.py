@@ -7,8 +7,10 @@ second copy of it. What is here:
 * `build_parser`: the options, generated from trpo_numpy.Config: each field's one line of
   help, its default, and the vine's default where SCHEME_DEFAULTS gives it another;
 * `validate`: every value the algorithm cannot run with, refused in one sentence;
+* environments by name (`make_env`, `env_dims`, `reward_threshold`), what a user can get wrong
+  said in one sentence;
 * the rules of --resume (which settings may change) and of --eval (which options go with it);
-* evaluation (`load_policy`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
+* evaluation (`load_policy`, `act`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
 * exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
 """
 
@@ -165,14 +167,60 @@ def validate(cfg):
 
 
 # ----------------------------------------------------------------------------
+# Environments by name
+# ----------------------------------------------------------------------------
+
+# Evaluation resets its episodes with seeds from here on; training (trpo_numpy.TRAIN_SEED_LIMIT) below.
+EVAL_SEED_BASE = 2 ** 31
+
+
+def make_env(env_id, render_mode=None):
+    """gym.make, with what a user can get wrong (an unknown id, a missing package, an action or
+    observation space this policy cannot handle) said in one sentence rather than deep inside."""
+    import gymnasium as gym
+    if render_mode == "rgb_array":
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # frames into an array need no display
+    try:
+        env = gym.make(env_id, render_mode=render_mode)
+    except gym.error.DependencyNotInstalled as e:
+        raise UserError(f"environment '{env_id}' needs a package that is not installed: {e}") from None
+    except gym.error.Error as e:
+        raise UserError(f"unknown environment '{env_id}' ({e}).") from None
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        raise UserError(f"environment '{env_id}' has a {type(env.action_space).__name__} action space; "
+                        "this TRPO's categorical policy needs a Discrete one.")
+    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
+                        "the networks need a flat Box observation.")
+    return env
+
+
+def env_dims(env_id):
+    """(observation size, number of actions) of env_id, or UserError in one sentence."""
+    env = make_env(env_id)
+    dims = env.observation_space.shape[0], int(env.action_space.n)
+    env.close()
+    return dims
+
+
+def reward_threshold(env_id):
+    """The return at which Gymnasium counts env_id as solved (LunarLander: 200), or None."""
+    import gymnasium as gym
+    try:
+        return gym.spec(env_id).reward_threshold
+    except gym.error.Error:
+        return None  # an unknown id: make_env says so, in one sentence
+
+
+# ----------------------------------------------------------------------------
 # Evaluation and the animation
 # ----------------------------------------------------------------------------
 
-def load_policy(trpo, path, env_id=None):
+def load_policy(path, env_id=None):
     """(net, theta, env_id) from a policy.npz or checkpoint.npz, checked against the environment's shape."""
     sizes, theta, saved_env_id = run_files.read_policy(path)
     env_id = env_id or saved_env_id
-    obs_dim, num_actions = trpo.env_dims(env_id)
+    obs_dim, num_actions = env_dims(env_id)
     if sizes[0] != obs_dim or sizes[-1] != num_actions:
         raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions, "
                         f"but {env_id} has {obs_dim} and {num_actions}.")
@@ -189,15 +237,15 @@ def act(net, theta, obs, greedy=True, rng=None):
     return int(np.argmax(logits[0])) if greedy else int(sample(logits, rng.random(1))[0])
 
 
-def evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=None, gif_path=None):
-    """Returns of `episodes` episodes under pi_theta, episode k reset with seed TRAIN_SEED_LIMIT + k,
+def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, gif_path=None):
+    """Returns of `episodes` episodes under pi_theta, episode k reset with seed EVAL_SEED_BASE + k,
     a seed training never uses. greedy=True takes the most likely action; otherwise actions are
     sampled with rng. With gif_path, the first episode is also rendered and written there."""
-    env = trpo.make_env(env_id, render_mode="rgb_array" if gif_path else None)
+    env = make_env(env_id, render_mode="rgb_array" if gif_path else None)
     returns = np.zeros(episodes)
     frames = []
     for k in range(episodes):
-        obs, _ = env.reset(seed=trpo.TRAIN_SEED_LIMIT + k)
+        obs, _ = env.reset(seed=EVAL_SEED_BASE + k)
         done = False
         while not done:
             if gif_path and k == 0:
@@ -212,7 +260,7 @@ def evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=None, gif_pa
     return returns
 
 
-def run_evaluation(trpo, path, episodes, greedy, gif_path, env_id=None):
+def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
     """--eval: load a policy, report mean and std of the return and the share of episodes at or
     above the environment's reward threshold (LunarLander: 200), where it has one."""
     if gif_path is not None and (os.path.isdir(gif_path) or not gif_path.lower().endswith(".gif")):
@@ -220,12 +268,12 @@ def run_evaluation(trpo, path, episodes, greedy, gif_path, env_id=None):
     folder = os.path.dirname(os.path.abspath(gif_path)) if gif_path else None
     if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         raise UserError(f"--gif: cannot write into '{folder}' (it does not exist, or is not writable).")
-    net, theta, env_id = load_policy(trpo, path, env_id)
-    returns = evaluate_policy(trpo, net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
+    net, theta, env_id = load_policy(path, env_id)
+    returns = evaluate_policy(net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
                               gif_path=gif_path)
     mode = "greedy" if greedy else "sampled"
-    threshold = trpo.reward_threshold(env_id)
-    print(f"{env_id}, {episodes} evaluation episode{'s' if episodes != 1 else ''} ({mode} actions, seeds from {trpo.TRAIN_SEED_LIMIT}): "
+    threshold = reward_threshold(env_id)
+    print(f"{env_id}, {episodes} evaluation episode{'s' if episodes != 1 else ''} ({mode} actions, seeds from {EVAL_SEED_BASE}): "
           f"return {returns.mean():.1f} +- {returns.std():.1f}"
           + (f", {np.mean(returns >= threshold):.0%} at or above {threshold:g}" if threshold is not None else ""))
     if gif_path:
@@ -289,14 +337,14 @@ def main(argv, trpo):
         if args.eval and (training_options or args.resume or args.quiet):
             option = flag(training_options[0]) if training_options else "--resume" if args.resume else "--quiet"
             raise UserError(f"{option} is for training; with --eval only --env, --episodes, --greedy and --gif "
-                            f"apply (evaluation seeds start at {trpo.TRAIN_SEED_LIMIT}).")
+                            f"apply (evaluation seeds start at {EVAL_SEED_BASE}).")
         eval_options = [name for name in ("episodes", "greedy", "gif") if name in typed]
         if eval_options and not args.eval:
             raise UserError(f"{flag(eval_options[0])} goes with --eval FILE; training does not use it.")
         if args.eval:
             if args.episodes < 1:
                 raise UserError(f"--episodes must be positive, got {args.episodes}.")
-            run_evaluation(trpo, args.eval, args.episodes, args.greedy, args.gif, typed.get("env"))
+            run_evaluation(args.eval, args.episodes, args.greedy, args.gif, typed.get("env"))
             return 0
         cfg, resume = run_config(trpo, args, typed, given)
         _, _, history = trpo.train(cfg, resume=resume, progress_bar=not args.quiet)

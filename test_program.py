@@ -866,9 +866,9 @@ def test_the_project_from_python_trains_loads_and_acts(tmp_path):
     cfg = T.scheme_config("single", env="CartPole-v1", total_steps=1024, num_envs=4, steps_per_env=128,
                           hidden=(16, 16), out=str(tmp_path / "notebook"))
     net, theta, history = T.train(cfg, verbose=False)
-    loaded_net, loaded_theta, env_id = cli.load_policy(T, str(tmp_path / "notebook" / "policy.npz"))
+    loaded_net, loaded_theta, env_id = cli.load_policy(str(tmp_path / "notebook" / "policy.npz"))
     assert np.array_equal(loaded_theta, theta) and loaded_net.sizes == net.sizes and env_id == "CartPole-v1"
-    env = T.make_env(env_id)
+    env = cli.make_env(env_id)
     obs, _ = env.reset(seed=0)
     W1, b1, W2, b2, W3, b3 = [a for layer in net.unflatten(theta) for a in layer]
     logits = np.tanh(np.tanh(obs @ W1 + b1) @ W2 + b2) @ W3 + b3

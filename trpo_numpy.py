@@ -45,6 +45,7 @@ import numpy as np
 
 import cli
 import run_files
+from cli import EVAL_SEED_BASE, env_dims, make_env, reward_threshold  # environments by name, errors in a sentence
 from network import MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, log_softmax, sample, softmax
 from run_files import UserError
 
@@ -136,45 +137,7 @@ def scheme_config(scheme="single", **given):
 # ----------------------------------------------------------------------------
 
 # Training resets its episodes with seeds below this; evaluation (cli.py) with seeds from it on.
-TRAIN_SEED_LIMIT = 2 ** 31
-
-
-def make_env(env_id, render_mode=None):
-    """gym.make, with what a user can get wrong (an unknown id, a missing package, an action or
-    observation space this policy cannot handle) said in one sentence rather than deep inside."""
-    import gymnasium as gym
-    if render_mode == "rgb_array":
-        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # frames into an array need no display
-    try:
-        env = gym.make(env_id, render_mode=render_mode)
-    except gym.error.DependencyNotInstalled as e:
-        raise UserError(f"environment '{env_id}' needs a package that is not installed: {e}") from None
-    except gym.error.Error as e:
-        raise UserError(f"unknown environment '{env_id}' ({e}).") from None
-    if not isinstance(env.action_space, gym.spaces.Discrete):
-        raise UserError(f"environment '{env_id}' has a {type(env.action_space).__name__} action space; "
-                        "this TRPO's categorical policy needs a Discrete one.")
-    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
-        raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
-                        "the networks need a flat Box observation.")
-    return env
-
-
-def env_dims(env_id):
-    """(observation size, number of actions) of env_id, or UserError in one sentence."""
-    env = make_env(env_id)
-    dims = env.observation_space.shape[0], int(env.action_space.n)
-    env.close()
-    return dims
-
-
-def reward_threshold(env_id):
-    """The return at which Gymnasium counts env_id as solved (LunarLander: 200), or None."""
-    import gymnasium as gym
-    try:
-        return gym.spec(env_id).reward_threshold
-    except gym.error.Error:
-        return None  # an unknown id: make_env says so, in one sentence
+TRAIN_SEED_LIMIT = EVAL_SEED_BASE
 
 
 class SinglePathSampler:
