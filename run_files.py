@@ -1,8 +1,9 @@
 """run_files.py: what a training run leaves on disk. A reader of the TRPO paper can skip this file.
 
-What is here, none of it about TRPO (it is given plain arrays, dicts and strings, and
-imports nothing from trpo_numpy.py):
+What is here, none of it about TRPO's mathematics (it imports nothing from trpo_numpy.py):
 
+* `TrainingState`: everything that changes during a run (theta, the value function and its Adam
+  moments, the generator, the counters, the history), and so what a checkpoint holds;
 * `RunFolder`: the bookkeeping of one training run, behind one object: the folder checks
   and lock, config.json, progress.csv and the log line, the progress bar, checkpoints every
   few iterations, and the final save (checkpoint, policy, plots);
@@ -126,6 +127,44 @@ class RunFolder:
                 self.save_plots()
         finally:
             self.lock.close()
+
+
+class TrainingState:
+    """Everything that changes during a run, and so everything a checkpoint must hold."""
+
+    def __init__(self, cfg, policy_net, value_fn, rng, theta):
+        self.cfg, self.policy_net, self.value_fn, self.rng, self.theta = cfg, policy_net, value_fn, rng, theta
+        self.run_id = new_run_id(cfg.seed)  # tells this run from another in a folder
+        self.iteration = 0
+        self.env_steps = 0
+        self.wall_s = 0.0  # training time before this process started (a resumed run)
+        self.episode_returns = []  # every finished training episode's return, in order of (step, environment)
+        self.history = []  # one dict per iteration: the rows of progress.csv
+
+    def record(self, batch, steps):
+        """Count a batch's environment steps and keep the returns of the episodes that ended in it."""
+        ended = batch["episode_return"]
+        self.episode_returns.extend(ended[~np.isnan(ended)])
+        self.env_steps += steps
+
+    def snapshot(self):
+        """A copy of the state now, cheap enough to take every iteration: a clean point to stop at."""
+        vf = self.value_fn
+        return dict(theta=self.theta.copy(), phi=vf.phi.copy(), adam_m=vf.adam.m.copy(), adam_v=vf.adam.v.copy(),
+                    adam_t=vf.adam.t, value_mean=vf.mean, value_std=vf.std, rng_state=self.rng.bit_generator.state,
+                    iteration=self.iteration, env_steps=self.env_steps, wall_s=self.wall_s, run_id=self.run_id,
+                    history=self.history[:], episode_returns=self.episode_returns[:])
+
+    def restore(self, saved):
+        """Continue from a snapshot read back from a checkpoint (read_checkpoint)."""
+        if saved["theta"].shape != self.theta.shape or saved["phi"].shape != self.value_fn.phi.shape:
+            raise UserError("the checkpoint's networks do not match its own configuration; it is damaged.")
+        vf = self.value_fn
+        self.theta, vf.phi, vf.adam.m, vf.adam.v = saved["theta"], saved["phi"], saved["adam_m"], saved["adam_v"]
+        vf.adam.t, vf.mean, vf.std = saved["adam_t"], saved["value_mean"], saved["value_std"]
+        self.rng.bit_generator.state = saved["rng_state"]
+        self.run_id, self.iteration, self.env_steps = saved["run_id"], saved["iteration"], saved["env_steps"]
+        self.wall_s, self.history, self.episode_returns = saved["wall_s"], saved["history"], saved["episode_returns"]
 
 
 # ----------------------------------------------------------------------------
