@@ -15,8 +15,8 @@ value function of the GAE paper, top to bottom:
 and the penalty of Theorem 1; Sec. 6 turns it into the algorithm coded here.) Every derivative
 is written by hand in network.py and checked against finite differences in test_trpo.py; no
 autodiff framework is used anywhere. What is not the algorithm lives in files a reader may
-skip: parallel.py (other processes), run_files.py (files on disk), cli.py (the command line,
-evaluation and the animation). Anything here that is not in the papers says so: "an addition".
+skip: parallel.py (other processes), run_files.py (files on disk, checkpoints), cli.py (the
+command line, environments by name, evaluation and the animation). Anything here that is not in the papers says so: "an addition".
 
 References:
   Schulman, Levine, Moritz, Jordan, Abbeel 2015. Trust Region Policy Optimization. arXiv:1502.05477
