@@ -178,7 +178,8 @@ class SinglePathSampler:
         logits_steps = []
         rewards, next_obs, obs_after = [0.0] * E, [None] * E, [None] * E  # step t, per environment
         for t in range(steps):
-            self.logits, _ = net.forward(theta, self.obs)  # (E, A): ONE forward pass for all environments
+            # (E, A): ONE forward pass for all environments (kept: the vine's q = pi_old reads it)
+            self.logits, _ = net.forward(theta, self.obs)
             actions = sample(self.logits, [rng.random() for rng in self.action_rngs]).tolist()
             batch["obs"][t] = self.obs
             batch["actions"][t] = actions
@@ -250,8 +251,8 @@ def discounted_returns(rewards, next_values, terminated, truncated, gamma):
     """Return-to-go Q_t = sum_l gamma^l r_{t+l} over the rest of the episode, TRPO Sec. 5.1's estimate of Q.
 
     Where the episode goes on past what we saw (a time-limit truncation, or the end of
-    the batch) the tail is estimated by gamma * V(next_obs), which the paper does not
-    need (its episodes end inside the batch); after a terminated step there is no tail.
+    the batch) the tail is estimated by gamma * V(next_obs), an addition (the paper does not
+    say how a cut episode's tail is estimated); after a terminated step there is no tail.
     Q_t - V(s_t) equals GAE with lam = 1.
     """
     returns = np.zeros_like(rewards)
