@@ -34,7 +34,7 @@ Usage:
   python bench.py --scheme vine --publish      # regenerates bench_results/vine.* and plots/vine_learning_curves.png
   python bench.py --trust-region-demo --publish    # regenerates plots/trust_region.png
 
-Exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C or SIGTERM.
+Exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
 """
 
 import json
@@ -438,7 +438,7 @@ def seed_line(r):
 
 
 def main(argv=None):
-    """The command line; returns the exit code (0 done, 1 a worker died, 2 bad input, 130 stopped)."""
+    """The command line; returns the exit code (0 done, 1 a worker died, 2 bad input, 130 or 143 stopped)."""
     args = build_parser().parse_args(argv)
     command = "python bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     bench = Benchmark(args, command)
@@ -458,7 +458,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         parallel.ignore_stop_signals()  # stopping has begun: more Ctrl-C would only cut the message short
         print(f"stopped: {bench.kept()}.", file=sys.stderr)
-        return 130
+        return parallel.exit_code_of_stop()
     return 0
 
 

@@ -29,7 +29,8 @@ from run_files import UserError
 MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider ones exhaust memory
 MAX_ENVS = 1024  # environments side by side; each holds its own simulator
 MAX_BATCH = 2 ** 21  # steps per iteration: a batch's arrays (observations twice, logits, ...) take ~200 bytes a step
-MAX_HORIZON = 10_000  # steps of a vine branch: its random numbers take N x H x 8 bytes
+MAX_HORIZON = 10_000  # steps of a vine branch
+MAX_BRANCH_NUMBERS = 2 ** 24  # N x H and N x K random numbers (8 bytes each) drawn per iteration for the vine
 RESUMABLE = {"total_steps", "out", "workers", "save_every"}  # the settings a resumed run may change
 
 
@@ -164,6 +165,12 @@ def validate(cfg):
     if cfg.vine_horizon > MAX_HORIZON:
         raise UserError(f"--vine-horizon {cfg.vine_horizon:,} is longer than a branch can usefully be (its random "
                         f"numbers alone would fill memory); use at most {MAX_HORIZON:,}.")
+    rollout_states = min(cfg.vine_states, cfg.batch_size)
+    for name, per_state in (("vine_horizon", cfg.vine_horizon), ("vine_actions", cfg.vine_actions)):
+        if cfg.scheme == "vine" and rollout_states * per_state > MAX_BRANCH_NUMBERS:
+            raise UserError(f"{rollout_states:,} rollout states x {flag(name)} {per_state:,} are more random "
+                            f"numbers per iteration than memory holds at a useful speed; keep their product at "
+                            f"most {MAX_BRANCH_NUMBERS:,}.")
 
 
 # ----------------------------------------------------------------------------
@@ -232,9 +239,14 @@ def load_policy(path, env_id=None):
 
 def act(net, theta, obs, greedy=True, rng=None):
     """The action pi_theta takes at one observation: the most likely one if greedy, else one sampled
-    with rng (np.random.default_rng()). What a notebook calls to drive an environment with a policy."""
-    logits = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])[0]
-    return int(np.argmax(logits[0])) if greedy else int(sample(logits, rng.random(1))[0])
+    with rng (a new, unseeded generator if None). What a notebook calls to drive an environment."""
+    obs = np.asarray(obs, dtype=np.float64)
+    if obs.ndim != 1:
+        raise UserError(f"act takes one observation, a vector, not an array of shape {obs.shape}.")
+    logits = net.forward(theta, obs[None])[0]
+    if greedy:
+        return int(np.argmax(logits[0]))
+    return int(sample(logits, (rng if rng is not None else np.random.default_rng()).random(1))[0])
 
 
 def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, gif_path=None):
@@ -291,6 +303,8 @@ def run_config(trpo, args, typed, given):
         vine_only = sorted(k for k in given if k.startswith("vine_"))
         if vine_only and given.get("scheme", "single") != "vine":
             raise UserError(f"{flag(vine_only[0])} is for --scheme vine; a single-path run has no branches.")
+        if "normalize_advantages" in given and given.get("scheme") == "vine":
+            raise UserError("--normalize-advantages is for the single path; the vine's step uses its branches' Q.")
         cfg = trpo.scheme_config(**given)
         if cfg.out:  # now, before any time is spent (without --out, train makes a new, numbered folder)
             run_files.check_folder_is_free(cfg.out)

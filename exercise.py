@@ -32,6 +32,7 @@ Usage:
 
 import argparse
 import ast
+import importlib.util
 import concurrent.futures
 import io
 import os
@@ -466,6 +467,9 @@ def make_refusal(exercise, target, force):
     if present and made_for is None:
         return (f"'{target}' already holds {present[0]}, which make would write over, and make did not write "
                 f"it (there is no {MARKER} file); give --into a new or empty folder.")
+    if made_for is None and os.listdir(target):
+        return (f"'{target}' holds files that make did not write (there is no {MARKER} file); give --into a "
+                f"new or empty folder.")
     if present and not force:
         return (f"'{target}' holds a copy already, maybe with your work in it; check it with "
                 f"'python exercise.py check {made_for} --from {target}', or start over with --force "
@@ -515,8 +519,9 @@ def command_check(args):
     made_for = read_marker(directory)
     if made_for is None:
         print(f"error: '{directory}' was not made by 'python exercise.py make {exercise.name}' (it has no "
-              f"{MARKER} file naming the exercise), so there is no answer in it to check; make a copy with "
-              f"that command.", file=sys.stderr)
+              f"{MARKER} file naming the exercise); make a copy with that command, or, for a copy made before "
+              f"{MARKER} files existed, write the exercise's name into {os.path.join(directory, MARKER)}.",
+              file=sys.stderr)
         return 2
     if made_for != exercise.name:
         print(f"error: '{directory}' is the copy made for exercise {made_for}, not {exercise.name}; check it "
@@ -693,8 +698,16 @@ def main(argv=None):
     commands.add_parser("mutants", help="put each plausible bug of MUTANTS into a copy of the code and prove "
                                         "that its tests fail")
     args = parser.parse_args(argv)
-    return {"list": command_list, "make": command_make, "check": command_check,
-            "verify": command_verify, "mutants": command_mutants}[args.command](args) or 0
+    if args.command in ("check", "verify", "mutants") and importlib.util.find_spec("pytest") is None:
+        print("error: the exercises' tests run with pytest, which is not installed; install it with: "
+              "pip install pytest", file=sys.stderr)
+        return 2
+    try:
+        return {"list": command_list, "make": command_make, "check": command_check,
+                "verify": command_verify, "mutants": command_mutants}[args.command](args) or 0
+    except KeyboardInterrupt:
+        print(f"\nstopped: {args.command} did not finish.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

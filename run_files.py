@@ -238,9 +238,13 @@ def new_run_id(seed):
 
 
 def check_folder_is_ours(out_dir, run_id):
-    """A resumed run may continue in its own folder or an empty one, never over another run's files."""
+    """A resumed run may continue in its own folder or an empty one, never over another run's files nor
+    among anyone else's (a folder of plots, another tool's progress.csv)."""
     config_path = os.path.join(out_dir, "config.json")
     if not os.path.exists(config_path):
+        if os.path.isdir(out_dir) and any(name != ".lock" for name in os.listdir(out_dir)):
+            raise UserError(f"'{out_dir}' is not empty and holds no run; resume into the run's own folder or an "
+                            f"empty one (--out).")
         return
     try:
         with open(config_path) as f:

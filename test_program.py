@@ -774,6 +774,8 @@ def test_an_unknown_environment_leaves_no_folder_behind(tmp_path):
     (["--no-vine-bootstrap"], "--vine-bootstrap is for --scheme vine"),
     (["--steps-per-env", "1000000000"], "use at most 2,097,152 steps per iteration"),
     (["--scheme", "vine", "--vine-horizon", "1000000000"], "use at most 10,000"),
+    (["--scheme", "vine", "--vine-actions", "2000000000"], "keep their product at most"),
+    (["--scheme", "vine", "--no-normalize-advantages"], "--normalize-advantages is for the single path"),
 ])
 def test_options_that_would_be_ignored_or_exhaust_memory_are_refused(tmp_path, args, words):
     """A vine option on a single-path run (it would be ignored), a batch or a branch too large for memory:
@@ -1288,3 +1290,132 @@ def test_bench_seeds_default_to_0_to_9(bench_module, capsys):
     assert bench_module.build_parser().parse_args(["--scheme", "vine"]).seeds == list(range(10))
     code, out, _ = run_bench(bench_module, capsys, "--help")
     assert code == 0 and "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in " ".join(out.split())
+
+
+# ----------------------------------------------------------------------------
+# A review's findings: resume among other files, a stop before the first iteration, the README's example
+# ----------------------------------------------------------------------------
+
+def test_a_resume_refuses_a_folder_of_other_files(tmp_path):
+    """--resume --out into a folder of someone else's files (plots, another tool's progress.csv) is refused in
+    one sentence with exit code 2, and those files are left as they were."""
+    T.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
+    foreign = tmp_path / "plots"
+    foreign.mkdir()
+    (foreign / "progress.csv").write_text("step,reward\n1,2\n")
+    result = run_cli("--resume", str(tmp_path / "run" / "checkpoint.npz"), "--out", str(foreign),
+                     "--total-steps", "1024")
+    assert result.returncode == 2 and "is not empty and holds no run" in result.stderr, result.stderr
+    assert sorted(os.listdir(foreign)) == ["progress.csv"] and "1,2" in (foreign / "progress.csv").read_text()
+
+
+def test_a_stop_before_the_first_iteration_leaves_a_run_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C while the workers start (after the folder is made): the folder holds an iteration-0 checkpoint
+    that --resume accepts, not a half-made run that blocks the next one."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "make_sampler", interrupted)
+    cfg = short_config(tmp_path, "run", total_steps=1024)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg, verbose=False)
+    saved, saved_cfg = T.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
+    assert saved["iteration"] == 0 and saved["env_steps"] == 0 and saved_cfg.out == cfg.out
+    monkeypatch.undo()
+    result = run_cli("--resume", str(tmp_path / "run" / "checkpoint.npz"))
+    assert result.returncode == 0 and "done: 1,024 env steps" in result.stdout, result.stderr
+
+
+def test_the_readmes_notebook_example_runs_as_written(tmp_path):
+    """The README's Python block, run as a notebook runs it (no script file: python -c) in an empty folder
+    with the project importable: it trains, loads the policy it wrote and acts, with exit code 0."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    block = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    block = block.replace("total_steps=50_000", "total_steps=4096, num_envs=4, steps_per_env=256")
+    block += "\nassert action in (0, 1) and os.path.exists(os.path.join(cfg.out, 'policy.npz'))\n"
+    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": HERE})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pty")
+def test_quiet_leaves_no_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal (a pty as stderr) a run draws its progress bar; with --quiet it draws none, and the log
+    line of each iteration is still printed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    texts = {}
+    for quiet in ([], ["--quiet"]):
+        primary, secondary = pty.openpty()
+        fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 wide
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--total-steps", "1024",
+             "--num-envs", "4", "--steps-per-env", "128", "--hidden", "8", "--out", str(tmp_path / f"r{len(quiet)}"),
+             *quiet], stdout=subprocess.PIPE, stderr=secondary, text=True)
+        os.close(secondary)
+        chunks = []
+
+        def read_terminal(primary=primary, chunks=chunks):  # while the run lives: a pty drops what is unread
+            while True:
+                try:
+                    chunk = os.read(primary, 65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                chunks.append(chunk)
+        import threading
+        reader = threading.Thread(target=read_terminal)
+        reader.start()
+        stdout, _ = process.communicate(timeout=120)
+        reader.join(timeout=10)
+        os.close(primary)
+        texts[bool(quiet)] = b"".join(chunks).decode(errors="replace")
+        assert process.returncode == 0 and sum(line.startswith("it ") for line in stdout.splitlines()) == 2
+    assert "step/s" in texts[False] or "step]" in texts[False], texts[False]  # the bar, on a terminal
+    assert "step/s" not in texts[True] and "step]" not in texts[True], texts[True]
+
+
+def test_the_plots_follow_a_checkpoint_once_their_interval_has_passed(tmp_path, monkeypatch):
+    """With the plots' interval passed (PLOT_EVERY_S = 0), the iteration that writes a checkpoint also
+    writes the three figures; one that writes no checkpoint writes none."""
+    monkeypatch.setattr(run_files.RunFolder, "PLOT_EVERY_S", 0)
+    cfg = short_config(tmp_path, "run", total_steps=512, save_every=2)
+    run = run_files.RunFolder(cfg.out, False, T.dataclasses.asdict(cfg), "id", [], resuming=False,
+                              sizes=([4, 16, 16, 2], [4, 16, 16, 1]), verbose=False, progress_bar=False,
+                              plot_labels=dict(scheme_name="single path", solved_at=None))
+    snapshot = dict(theta=np.zeros(MLP([4, 16, 16, 2]).num_params), phi=np.zeros(MLP([4, 16, 16, 1]).num_params),
+                    adam_m=np.zeros(1), adam_v=np.zeros(1), adam_t=0, value_mean=0.0, value_std=1.0, rng_state={},
+                    iteration=1, env_steps=512, wall_s=1.0, run_id="id", history=[], episode_returns=[])
+    figures = ["diagnostics.png", "learning_curve.png", "theory.png"]
+    for iteration in (1, 2):
+        row = {k: 0.5 for k in run_files.PROGRESS_COLUMNS}
+        row.update(iteration=iteration, env_steps=512 * iteration, trunk_steps=512, rollout_states=0, skipped="")
+        run.history.append(row)
+        run.record(row, snapshot)
+        written = [name for name in figures if os.path.exists(os.path.join(cfg.out, name))]
+        assert written == ([] if iteration == 1 else figures), iteration
+    run.lock.close()
+
+
+def test_exercise_py_says_when_pytest_is_missing_and_refuses_a_folder_of_other_files(tmp_path, monkeypatch):
+    """Without pytest, check/verify/mutants say in one sentence how to install it (exit code 2) instead of
+    calling a right answer wrong; make refuses a folder of someone else's files (exit code 2, nothing
+    written). cli.act refuses a batch of observations instead of returning one wrong action."""
+    import importlib.util
+    import cli
+    import exercise
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest"
+                        else real_find_spec(name, *a))
+    assert exercise.main(["check", "kl", "--from", str(tmp_path)]) == 2
+    monkeypatch.undo()
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "thesis.tex").write_text("my thesis")
+    assert exercise.main(["make", "kl", "--into", str(own)]) == 2
+    assert os.listdir(own) == ["thesis.tex"]
+    net = MLP([4, 8, 2])
+    with pytest.raises(run_files.UserError, match="one observation"):
+        cli.act(net, net.init(np.random.default_rng(0)), np.zeros((3, 4)))

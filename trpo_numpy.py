@@ -100,8 +100,9 @@ class Config:
     entropy_coef: float = option(0.0, "weight of an entropy bonus in the surrogate (an addition; 0 is the paper)")
     trust_region: bool = option(True, "--no-trust-region: the full natural-gradient step, with no line search")
     stop_return: float = option(None, "stop once the mean return of the last 100 episodes reaches this")
-    save_every: int = option(10, "write checkpoint.npz every this many iterations, and at the end")
-    out: str = option("", "output folder; by default runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken")
+    save_every: int = option(10, "write checkpoint.npz and policy.npz every this many iterations (the plots at "
+                                 "most once a minute), and at the end")
+    out: str = option("", "output folder, new or empty; by default runs/<scheme>-seed<seed>, numbered -2, -3, ...")
 
     @property
     def batch_size(self):
@@ -637,12 +638,12 @@ def train(cfg, verbose=True, resume=None, progress_bar=True):
         progress_bar=progress_bar,
         plot_labels=dict(scheme_name=SCHEME_NAMES[cfg.scheme], solved_at=reward_threshold(cfg.env)))
     cfg.out = run.out_dir  # without --out, a new folder: runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken
-    # After a resume the simulators cannot be restored (Box2D state is not saved): the
-    # environments start new episodes, seeded from the restored generator.
-    sampler = make_sampler(cfg, rng, value_fn)
-    snapshot = state.snapshot()
+    snapshot, sampler = state.snapshot(), None
     start = time.perf_counter() - state.wall_s
     try:
+        # After a resume the simulators cannot be restored (Box2D state is not saved): the
+        # environments start new episodes, seeded from the restored generator.
+        sampler = make_sampler(cfg, rng, value_fn)
         while state.env_steps < cfg.total_steps and not solved(state.history, cfg.stop_return):
             parallel.raise_if_stop_requested()
             state.iteration += 1
@@ -656,9 +657,10 @@ def train(cfg, verbose=True, resume=None, progress_bar=True):
         # made; a second Ctrl-C waits until that is written.
         with parallel.signals_held():
             try:
-                run.finish(snapshot)  # checkpoint.npz, policy.npz, the plots
+                run.finish(snapshot)  # checkpoint.npz, policy.npz, the plots: a run to --resume, even at iteration 0
             finally:
-                sampler.close()
+                if sampler is not None:
+                    sampler.close()
     return policy_net, state.theta, state.history
 
 
