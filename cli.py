@@ -326,15 +326,17 @@ def run_config(trpo, args, typed, given):
 
 
 def notes(cfg, steps_done=0):
-    """What the run will do differently from what was asked, in a line each (stderr), before it starts."""
+    """What the run will do differently from what was asked, in a line each on stderr, as it starts
+    (tqdm.write: above a progress bar already on the screen, not through it)."""
+    from tqdm import tqdm
     iterations = -(-(cfg.total_steps - steps_done) // cfg.batch_size)  # whole iterations, rounded up
     if steps_done + iterations * cfg.batch_size != cfg.total_steps:
-        print(f"note: training runs whole iterations of {cfg.batch_size:,} steps: "
-              f"{steps_done + iterations * cfg.batch_size:,} steps in all for --total-steps {cfg.total_steps:,}.",
-              file=sys.stderr)
+        tqdm.write(f"note: training runs whole iterations of {cfg.batch_size:,} steps: "
+                   f"{steps_done + iterations * cfg.batch_size:,} steps in all for --total-steps "
+                   f"{cfg.total_steps:,}.", file=sys.stderr)
     if cfg.scheme == "vine" and cfg.vine_states > cfg.batch_size:
-        print(f"note: --vine-states {cfg.vine_states:,} is more than the trunk's {cfg.batch_size:,} states; "
-              f"every trunk state is a rollout state.", file=sys.stderr)
+        tqdm.write(f"note: --vine-states {cfg.vine_states:,} is more than the trunk's {cfg.batch_size:,} states; "
+                   f"every trunk state is a rollout state.", file=sys.stderr)
 
 
 def main(argv, trpo):

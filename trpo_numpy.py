@@ -630,14 +630,14 @@ def train(cfg, verbose=True, resume=None, progress_bar=True):
     state = run_files.TrainingState(cfg, policy_net, value_fn, rng, theta)  # what a checkpoint holds
     if resume is not None:
         state.restore(resume)
-    if verbose:
-        cli.notes(cfg, state.env_steps)  # what the run will do otherwise than asked (whole batches, ...)
     run = run_files.RunFolder(
         cfg.out_dir(), not cfg.out, dataclasses.asdict(cfg), state.run_id, state.history,
         resuming=resume is not None, sizes=(policy_net.sizes, value_fn.net.sizes), verbose=verbose,
         progress_bar=progress_bar,
         plot_labels=dict(scheme_name=SCHEME_NAMES[cfg.scheme], solved_at=reward_threshold(cfg.env)))
     cfg.out = run.out_dir  # without --out, a new folder: runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken
+    if verbose:
+        cli.notes(cfg, state.env_steps)  # what the run will do otherwise than asked (whole batches, ...)
     snapshot, sampler = state.snapshot(), None
     start = time.perf_counter() - state.wall_s
     try:
