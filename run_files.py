@@ -188,6 +188,11 @@ def holds_a_run(path):
     return any(os.path.exists(os.path.join(path, name)) for name in ("config.json", "checkpoint.npz"))
 
 
+def holds_other_files(path):
+    """Whether the folder exists and holds anything but a run's lock file."""
+    return os.path.isdir(path) and any(name != ".lock" for name in os.listdir(path))
+
+
 def new_numbered_folder(path):
     """Create and return the first of path, path-2, path-3, ... that does not exist yet (as
     Stable-Baselines3 numbers PPO_1, PPO_2). os.mkdir either creates a folder or finds it there,
@@ -212,7 +217,7 @@ def check_folder_is_free(out_dir):
     if holds_a_run(out_dir):
         raise UserError(f"'{out_dir}' holds a run already; continue it with --resume "
                         f"{checkpoint_path(out_dir)}, or give another --out.")
-    if os.path.isdir(out_dir) and any(name != ".lock" for name in os.listdir(out_dir)):
+    if holds_other_files(out_dir):
         raise UserError(f"'{out_dir}' is not empty; a new run writes into a new or empty folder, never "
                         f"among other files: give another --out.")
 
@@ -242,7 +247,7 @@ def check_folder_is_ours(out_dir, run_id):
     among anyone else's (a folder of plots, another tool's progress.csv)."""
     config_path = os.path.join(out_dir, "config.json")
     if not os.path.exists(config_path):
-        if os.path.isdir(out_dir) and any(name != ".lock" for name in os.listdir(out_dir)):
+        if holds_other_files(out_dir):
             raise UserError(f"'{out_dir}' is not empty and holds no run; resume into the run's own folder or an "
                             f"empty one (--out).")
         return

@@ -817,17 +817,23 @@ def test_a_resume_with_nothing_left_to_do_says_so(tmp_path):
     assert checkpoint.read_bytes() == before
 
 
+def small_run_folder(cfg):
+    """A RunFolder for cfg (short_config's CartPole networks) and a snapshot of zero weights to record."""
+    run = run_files.RunFolder(cfg.out, False, T.dataclasses.asdict(cfg), "id", [], resuming=False,
+                              sizes=([4, 16, 16, 2], [4, 16, 16, 1]), verbose=False, progress_bar=False,
+                              plot_labels=dict(scheme_name="single path", solved_at=None))
+    snapshot = dict(theta=np.zeros(MLP([4, 16, 16, 2]).num_params), phi=np.zeros(MLP([4, 16, 16, 1]).num_params),
+                    adam_m=np.zeros(1), adam_v=np.zeros(1), adam_t=0, value_mean=0.0, value_std=1.0, rng_state={},
+                    iteration=1, env_steps=512, wall_s=1.0, run_id="id", history=[], episode_returns=[])
+    return run, snapshot
+
+
 def test_the_policy_is_written_with_each_checkpoint(tmp_path):
     """policy.npz follows checkpoint.npz during training, not only at the end: after the iteration that writes
     a checkpoint, both hold the same weights (the snapshot's)."""
     cfg = short_config(tmp_path, "run", total_steps=512)
-    run = run_files.RunFolder(cfg.out, False, T.dataclasses.asdict(cfg), "id", [], resuming=False,
-                              sizes=([4, 16, 16, 2], [4, 16, 16, 1]), verbose=False, progress_bar=False,
-                              plot_labels=dict(scheme_name="single path", solved_at=None))
-    theta = np.arange(MLP([4, 16, 16, 2]).num_params, dtype=np.float64)
-    snapshot = dict(theta=theta, phi=np.zeros(MLP([4, 16, 16, 1]).num_params), adam_m=np.zeros(1),
-                    adam_v=np.zeros(1), adam_t=0, value_mean=0.0, value_std=1.0, rng_state={}, iteration=10,
-                    env_steps=5120, wall_s=1.0, run_id="id", history=[], episode_returns=[])
+    run, snapshot = small_run_folder(cfg)
+    theta = snapshot["theta"] = np.arange(MLP([4, 16, 16, 2]).num_params, dtype=np.float64)
     row = {k: 0.0 for k in run_files.PROGRESS_COLUMNS}
     row.update(iteration=cfg.save_every, env_steps=5120, trunk_steps=512, rollout_states=0, skipped="")
     run.record(row, snapshot)
@@ -1382,12 +1388,7 @@ def test_the_plots_follow_a_checkpoint_once_their_interval_has_passed(tmp_path, 
     writes the three figures; one that writes no checkpoint writes none."""
     monkeypatch.setattr(run_files.RunFolder, "PLOT_EVERY_S", 0)
     cfg = short_config(tmp_path, "run", total_steps=512, save_every=2)
-    run = run_files.RunFolder(cfg.out, False, T.dataclasses.asdict(cfg), "id", [], resuming=False,
-                              sizes=([4, 16, 16, 2], [4, 16, 16, 1]), verbose=False, progress_bar=False,
-                              plot_labels=dict(scheme_name="single path", solved_at=None))
-    snapshot = dict(theta=np.zeros(MLP([4, 16, 16, 2]).num_params), phi=np.zeros(MLP([4, 16, 16, 1]).num_params),
-                    adam_m=np.zeros(1), adam_v=np.zeros(1), adam_t=0, value_mean=0.0, value_std=1.0, rng_state={},
-                    iteration=1, env_steps=512, wall_s=1.0, run_id="id", history=[], episode_returns=[])
+    run, snapshot = small_run_folder(cfg)
     figures = ["diagnostics.png", "learning_curve.png", "theory.png"]
     for iteration in (1, 2):
         row = {k: 0.5 for k in run_files.PROGRESS_COLUMNS}
