@@ -48,7 +48,7 @@ import trpo_numpy as T
 import cli
 import run_files
 import numpy as np
-from network import MLP
+from network import policy_network
 from run_files import UserError
 
 SOLVED = 200.0
@@ -61,11 +61,14 @@ PUBLISHED_PLOTS = os.path.join(HERE, "plots")
 def raw_ceiling(env_id, steps=20_000, seed=0):
     """Env steps per second of the bare simulator: one environment, random actions, this process."""
     env = cli.make_env(env_id)
-    actions = np.random.default_rng(seed).integers(env.action_space.n, size=steps)
+    space = env.unwrapped.action_space  # (make_env clips continuous actions: its own space is unbounded)
+    space.seed(seed)
+    actions = [space.sample() for _ in range(steps)]
+    actions = [int(a) for a in actions] if hasattr(space, "n") else actions
     env.reset(seed=seed)
     start = time.perf_counter()
     for action in actions:
-        _, _, terminated, truncated, _ = env.step(int(action))
+        _, _, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             env.reset()
     rate = steps / (time.perf_counter() - start)
@@ -78,18 +81,19 @@ def restore_cost(cfg, branches=100):
     one at a time, with an untrained policy from states 50 steps into an episode."""
     rng = np.random.default_rng(0)
     env = cli.make_env(cfg.env)
-    obs_dim, num_actions = cli.env_dims(cfg.env)
-    net = MLP([obs_dim, *cfg.hidden, num_actions])
+    obs_dim, num_actions, continuous = cli.env_dims(cfg.env)
+    net = policy_network([obs_dim, *cfg.hidden, num_actions], continuous)
     theta = net.init(rng, output_gain=0.01)
+    engines_off = np.zeros(num_actions) if continuous else 0  # LunarLander: the lander falls
     pool = parallel.ForkPool(max_children=1)
     seconds, steps = 0.0, 0
     for k in range(branches):
         env.reset(seed=k)
         for _ in range(50):
-            env.step(0)  # engines off: the lander falls, not yet landed
-        uniforms = rng.random(cfg.vine_horizon)
+            env.step(engines_off)  # the lander falls, not yet landed
+        noise = net.distribution.noise(rng, num_actions, (cfg.vine_horizon,))
         start = time.perf_counter()
-        pool.submit(k, lambda: T.branch_rollout(env, 0, net, theta, uniforms, cfg.gamma))
+        pool.submit(k, lambda: T.branch_rollout(env, engines_off, net, theta, noise, cfg.gamma))
         steps += pool.gather()[k][1]
         seconds += time.perf_counter() - start
     env.close()

@@ -23,7 +23,7 @@ import numpy as np
 
 import parallel
 import run_files
-from network import MLP, sample
+from network import policy_network
 from run_files import UserError
 
 MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider ones exhaust memory
@@ -165,6 +165,11 @@ def validate(cfg):
     if cfg.vine_horizon > MAX_HORIZON:
         raise UserError(f"--vine-horizon {cfg.vine_horizon:,} is longer than a branch can usefully be (its random "
                         f"numbers alone would fill memory); use at most {MAX_HORIZON:,}.")
+    if cfg.scheme == "vine" and (cfg.vine_actions == 0 or cfg.vine_proposal == "uniform") and env_dims(cfg.env)[2]:
+        raise UserError(("--vine-actions 0 (every action, Eq. 15) has no meaning for" if cfg.vine_actions == 0 else
+                         "--vine-proposal uniform is for discrete actions, not for")
+                        + f" the continuous actions of {cfg.env}; the vine draws K > 1 actions from pi_old there "
+                          f"(the default).")
     rollout_states = min(cfg.vine_states, cfg.batch_size)
     for name, per_state in (("vine_horizon", cfg.vine_horizon), ("vine_actions", cfg.vine_actions)):
         if cfg.scheme == "vine" and rollout_states * per_state > MAX_BRANCH_NUMBERS:
@@ -193,19 +198,31 @@ def make_env(env_id, render_mode=None):
         raise UserError(f"environment '{env_id}' needs a package that is not installed: {e}") from None
     except gym.error.Error as e:
         raise UserError(f"unknown environment '{env_id}' ({e}).") from None
-    if not isinstance(env.action_space, gym.spaces.Discrete):
-        raise UserError(f"environment '{env_id}' has a {type(env.action_space).__name__} action space; "
-                        "this TRPO's categorical policy needs a Discrete one.")
+    space = env.action_space
+    flat_box = (isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+                and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high)))
+    if not (isinstance(space, gym.spaces.Discrete) or flat_box):
+        env.close()
+        raise UserError(f"environment '{env_id}' has action space {space}; this TRPO needs Discrete actions "
+                        "(a categorical policy) or a flat Box with finite bounds (a Gaussian policy).")
     if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+        env.close()
         raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
                         "the networks need a flat Box observation.")
+    if flat_box:
+        # A Gaussian's sample can fall outside the bounds: the environment takes it clipped to them,
+        # while training keeps the log-prob of the action sampled (the usual choice).
+        env = gym.wrappers.ClipAction(env)
     return env
 
 
 def env_dims(env_id):
-    """(observation size, number of actions) of env_id, or UserError in one sentence."""
+    """(observation size, number of actions or action dimension, continuous?) of env_id, or UserError
+    in one sentence: Discrete actions are counted, a Box's continuous actions measured."""
     env = make_env(env_id)
-    dims = env.observation_space.shape[0], int(env.action_space.n)
+    continuous = not hasattr(env.action_space, "n")
+    dims = (env.observation_space.shape[0], env.action_space.shape[0] if continuous else int(env.action_space.n),
+            continuous)
     env.close()
     return dims
 
@@ -227,26 +244,30 @@ def load_policy(path, env_id=None):
     """(net, theta, env_id) from a policy.npz or checkpoint.npz, checked against the environment's shape."""
     sizes, theta, saved_env_id = run_files.read_policy(path)
     env_id = env_id or saved_env_id
-    obs_dim, num_actions = env_dims(env_id)
+    obs_dim, num_actions, continuous = env_dims(env_id)
     if sizes[0] != obs_dim or sizes[-1] != num_actions:
         raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions, "
                         f"but {env_id} has {obs_dim} and {num_actions}.")
-    net = MLP(sizes)
+    net = policy_network(sizes, continuous)
     if theta.shape != (net.num_params,):
         raise UserError(f"'{path}' holds {theta.size} weights, not the {net.num_params} of its network.")
     return net, theta, env_id
 
 
 def act(net, theta, obs, greedy=True, rng=None):
-    """The action pi_theta takes at one observation: the most likely one if greedy, else one sampled
-    with rng (a new, unseeded generator if None). What a notebook calls to drive an environment."""
+    """The action pi_theta takes at one observation: if greedy, the most likely one (a Gaussian's mean),
+    else one sampled with rng (a new, unseeded generator if None). An int for discrete actions, an
+    array for continuous ones. What a notebook calls to drive an environment."""
     obs = np.asarray(obs, dtype=np.float64)
     if obs.ndim != 1:
         raise UserError(f"act takes one observation, a vector, not an array of shape {obs.shape}.")
-    logits = net.forward(theta, obs[None])[0]
+    dist, logits = net.distribution, net.forward(theta, obs[None])[0]
     if greedy:
-        return int(np.argmax(logits[0]))
-    return int(sample(logits, (rng if rng is not None else np.random.default_rng()).random(1))[0])
+        action = dist.greedy(logits)[0]
+    else:
+        noise = dist.noise(rng if rng is not None else np.random.default_rng(), net.sizes[-1])
+        action = dist.sample(logits, [noise])[0]
+    return int(action) if np.ndim(action) == 0 else action
 
 
 def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, gif_path=None):

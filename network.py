@@ -12,6 +12,14 @@ What is here, in the order trpo_numpy.py uses it:
   `log_prob`, `entropy`, `kl`, `sample`, and `categorical_fisher_product`,
   the Fisher information of a categorical in logit space, diag(p) - p p^T,
   applied to a vector (TRPO Appendix C).
+* `Categorical`: those functions as one policy distribution, the one an `MLP`
+  policy's outputs (logits) parametrise.
+* Diagonal Gaussian distributions on z = [mu, log sigma], for continuous
+  actions: `gaussian_log_prob`, `gaussian_log_prob_grad`, `gaussian_entropy`,
+  `gaussian_kl`, `gaussian_sample`, and `gaussian_fisher_product`, the Fisher
+  information in (mu, log sigma), diag(1/sigma^2, 2); together
+  `DiagonalGaussian`, the distribution of a `GaussianPolicy` (an MLP for the
+  mean, and log sigma as the last entries of theta).
 * `Adam` (Kingma & Ba 2014, arXiv:1412.6980) for the value network.
 * `numerical_gradient` and `relative_error`: central finite differences, the
   reference every derivative above is tested against in test_trpo.py.
@@ -33,6 +41,8 @@ class MLP:
     The object holds only the architecture (`sizes`, e.g. [8, 64, 64, 4]); the
     parameters are a separate flat vector `theta` passed to every method. Layer l
     occupies W_l (row-major, shape (n_in, n_out)) followed by b_l in theta.
+    As a policy, an MLP's outputs are the logits of a categorical over sizes[-1]
+    actions (`distribution`); GaussianPolicy below is the continuous one.
     """
 
     def __init__(self, sizes):
@@ -180,6 +190,180 @@ def categorical_fisher_product(p, u):
     (TRPO Appendix C), so F = J^T (diag(p) - p p^T) J for the policy network's
     Jacobian J = dz/dtheta. Cost O(N * num_actions): no matrix is built."""
     return p * u - p * (p * u).sum(axis=-1, keepdims=True)
+
+
+class Categorical:
+    """The policy distribution of discrete actions: pi(a|s) = softmax(z)_a, z the logits (one row per state).
+
+    The functions above under the names every policy distribution has, so that the algorithm
+    (trpo_numpy.py) works with this one and DiagonalGaussian alike. An action is an integer."""
+    log_prob = staticmethod(log_prob)
+    entropy = staticmethod(entropy)
+    kl = staticmethod(kl)
+    sample = staticmethod(sample)
+
+    @staticmethod
+    def log_prob_grad(z, actions):
+        """d log pi(a_i|s_i) / dz_i = onehot(a_i) - p_i, one row per state."""
+        grad = -softmax(z)
+        grad[np.arange(len(actions)), actions] += 1.0
+        return grad
+
+    @staticmethod
+    def entropy_grad(z):
+        """dH/dz = -p * (log p + H), row by row."""
+        logp = log_softmax(z)
+        p = np.exp(logp)
+        return -p * (logp - (p * logp).sum(axis=-1, keepdims=True))
+
+    @staticmethod
+    def fisher_product(z, u):
+        """The Fisher information in logit space at z, times u, row by row: categorical_fisher_product."""
+        return categorical_fisher_product(softmax(z), u)
+
+    @staticmethod
+    def noise(rng, num_actions, shape=None):
+        """The random numbers `sample` needs: one uniform in [0, 1) per state (a float for one state,
+        an array of `shape` for several)."""
+        return rng.random(shape)
+
+    @staticmethod
+    def greedy(z):
+        """The most likely action of each row."""
+        return np.argmax(z, axis=-1)
+
+
+MLP.distribution = Categorical
+
+
+# ----------------------------------------------------------------------------
+# Diagonal Gaussian distributions on z = [mu, log sigma] (one row per state), for continuous actions
+# ----------------------------------------------------------------------------
+
+def gaussian_parts(z):
+    """(mu, log sigma) of z = [mu, log sigma]: the first and second half of each row."""
+    d = z.shape[-1] // 2
+    return z[..., :d], z[..., d:]
+
+
+def gaussian_log_prob(z, actions):
+    """log pi(a|s) = -sum_j [ (a_j - mu_j)^2 / (2 sigma_j^2) + log sigma_j ] - d/2 log(2 pi), one value per row."""
+    mu, log_std = gaussian_parts(z)
+    x = (actions - mu) / np.exp(log_std)  # the standardised action
+    return -(0.5 * x ** 2 + log_std).sum(axis=-1) - 0.5 * mu.shape[-1] * np.log(2 * np.pi)
+
+
+def gaussian_log_prob_grad(z, actions):
+    """d log pi(a|s) / dz, z = [mu, log sigma]: [(a - mu) / sigma^2, (a - mu)^2 / sigma^2 - 1], row by row."""
+    mu, log_std = gaussian_parts(z)
+    sigma = np.exp(log_std)
+    x = (actions - mu) / sigma
+    return np.concatenate([x / sigma, x ** 2 - 1.0], axis=-1)
+
+
+def gaussian_entropy(z):
+    """H = sum_j log sigma_j + d/2 (1 + log(2 pi)), one value per row."""
+    mu, log_std = gaussian_parts(z)
+    return log_std.sum(axis=-1) + 0.5 * mu.shape[-1] * (1.0 + np.log(2 * np.pi))
+
+
+def gaussian_kl(z_old, z_new):
+    """KL(pi_old || pi_new) of two diagonal Gaussians, one value per row, in the paper's direction (Eq. 12):
+    sum_j [ log(sigma_new / sigma_old) + (sigma_old^2 + (mu_old - mu_new)^2) / (2 sigma_new^2) - 1/2 ]."""
+    mu_old, log_std_old = gaussian_parts(z_old)
+    mu_new, log_std_new = gaussian_parts(z_new)
+    var_new = np.exp(2 * log_std_new)
+    return (log_std_new - log_std_old + (np.exp(2 * log_std_old) + (mu_old - mu_new) ** 2) / (2 * var_new)
+            - 0.5).sum(axis=-1)
+
+
+def gaussian_sample(z, normals):
+    """a = mu + sigma * n for given standard normals n, one row per state (branches share their n)."""
+    mu, log_std = gaussian_parts(z)
+    return mu + np.exp(log_std) * normals
+
+
+def gaussian_fisher_product(z, u):
+    """The Fisher information of a diagonal Gaussian in z = [mu, log sigma], times u, row by row.
+
+    It is the Hessian of KL(pi_z_old || pi_z) in z at z_old: diagonal, 1 / sigma_j^2 for each
+    mean and 2 for each log sigma_j (the KL above, differentiated twice). So F = J^T M J with
+    M = diag(1/sigma^2, 2), J = dz/dtheta; no matrix is built."""
+    mu_u, log_std_u = gaussian_parts(u)
+    _, log_std = gaussian_parts(z)
+    return np.concatenate([mu_u * np.exp(-2 * log_std), 2.0 * log_std_u], axis=-1)
+
+
+class DiagonalGaussian:
+    """The policy distribution of continuous actions: pi(.|s) = N(mu, diag(sigma^2)), z = [mu, log sigma].
+
+    An action is a vector of d floats; the functions above under Categorical's names."""
+    log_prob = staticmethod(gaussian_log_prob)
+    log_prob_grad = staticmethod(gaussian_log_prob_grad)
+    entropy = staticmethod(gaussian_entropy)
+    kl = staticmethod(gaussian_kl)
+    sample = staticmethod(gaussian_sample)
+    fisher_product = staticmethod(gaussian_fisher_product)
+
+    @staticmethod
+    def entropy_grad(z):
+        """dH/dz: 0 for each mean, 1 for each log sigma, row by row."""
+        mu, log_std = gaussian_parts(z)
+        return np.concatenate([np.zeros_like(mu), np.ones_like(log_std)], axis=-1)
+
+    @staticmethod
+    def noise(rng, action_dim, shape=None):
+        """The random numbers `sample` needs: action_dim standard normals per state (shape (*shape, d);
+        (d,) for one state)."""
+        return rng.standard_normal(action_dim if shape is None else (*shape, action_dim))
+
+    @staticmethod
+    def greedy(z):
+        """The mean action of each row."""
+        return gaussian_parts(z)[0]
+
+
+class GaussianPolicy(MLP):
+    """A diagonal Gaussian policy: the tanh MLP gives the mean mu_theta(s) of the d = sizes[-1] actions,
+    and log sigma, one per action and the same in every state, is the last d entries of theta
+    (as in the paper's locomotion policies, Sec. 8.1 and Fig. 3: a network for the mean, standard
+    deviations as parameters of their own). `init` leaves log sigma at 0 (sigma = 1). The output for
+    a batch is z = [mu, log sigma], (N, 2d): the distribution's parameters, as an MLP's logits are a
+    categorical's.
+
+    The Jacobian dz/dtheta is the MLP's for mu and the identity for log sigma, so forward,
+    backward and jvp are the MLP's passes with the log sigma block beside them."""
+    distribution = DiagonalGaussian
+
+    def __init__(self, sizes):
+        super().__init__(sizes)
+        self.mean_params = self.num_params  # the MLP's part of theta
+        self.num_params += self.sizes[-1]   # and log sigma after it
+
+    def unflatten(self, theta):
+        """The MLP's layers (W, b), views into theta; log sigma is theta[mean_params:]."""
+        return super().unflatten(theta[:self.mean_params])
+
+    def forward(self, theta, x):
+        """z = [mu_theta(x), log sigma] for a batch x (N, n_in); the cache is the MLP's."""
+        mu, cache = super().forward(theta, x)
+        return np.concatenate([mu, np.broadcast_to(theta[self.mean_params:], mu.shape)], axis=1), cache
+
+    def backward(self, theta, cache, grad_z):
+        """sum_i grad_z_i^T (dz_i/dtheta): backprop of the mean's part, and the log sigma part summed over rows."""
+        d = self.sizes[-1]
+        return np.concatenate([super().backward(theta, cache, grad_z[:, :d]), grad_z[:, d:].sum(axis=0)])
+
+    def jvp(self, theta, cache, v):
+        """(dz/dtheta) v for every row: the MLP's jvp of the mean's part, and v's log sigma part in every row."""
+        mean_u = super().jvp(theta, cache, v)
+        return np.concatenate([mean_u, np.broadcast_to(v[self.mean_params:], mean_u.shape)], axis=1)
+
+
+def policy_network(sizes, continuous):
+    """The policy for actions of sizes[-1] dimensions: a GaussianPolicy if they are continuous, else an MLP
+    whose outputs are the logits of a categorical over sizes[-1] actions."""
+    return GaussianPolicy(sizes) if continuous else MLP(sizes)
 
 
 # ----------------------------------------------------------------------------

@@ -48,7 +48,10 @@ def run_cli(*args, cwd=HERE):
 
 @pytest.mark.parametrize("args, words", [
     (["--env", "NoSuchEnv-v0"], "unknown environment"),
-    (["--env", "Pendulum-v1"], "Discrete"),
+    (["--env", "CarRacing-v3"], "flat Box observation"),
+    (["--env", "Blackjack-v1"], "flat Box observation"),
+    (["--env", "Pendulum-v1", "--scheme", "vine", "--vine-actions", "0"], "--vine-actions 0"),
+    (["--env", "Pendulum-v1", "--scheme", "vine", "--vine-proposal", "uniform"], "--vine-proposal uniform"),
     (["--max-kl", "-0.01"], "--max-kl must be positive"),
     (["--max-kl", "abc"], "not a number"),
     (["--total-steps", "0"], "--total-steps must be positive"),
@@ -65,7 +68,8 @@ def run_cli(*args, cwd=HERE):
     (["--total-steps", "100000000", "--num-envs", "5000"], "--num-envs 5,000 environments would take minutes"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
-    """Each bad command line (an unknown or non-Discrete environment; a number that is negative, zero, out of
+    """Each bad command line (an unknown environment, or one with image or tuple observations; the vine's
+    every-action estimator or uniform proposal on continuous actions; a number that is negative, zero, out of
     range, infinite, NaN or not a number; a size too large, or a setting that cannot learn or would take
     minutes) exits with code 2 and one line on stderr that names the problem, with no traceback."""
     result = run_cli("--total-steps", "64", "--out", str(tmp_path / "x"), *args)  # the last value given wins

@@ -395,7 +395,6 @@ def test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian(small_net, 
     Hessian of the mean KL at theta_old by second-order finite differences; F and H also agree."""
     net, theta, x = small_net
     logits_old, cache = net.forward(theta, x)
-    probs = softmax(logits_old)
     F = explicit_fisher(net, theta, x)
     # The Hessian of KLbar(theta_old, theta) at theta_old, by second-order central differences.
     hessian = numerical_gradient(
@@ -405,7 +404,7 @@ def test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian(small_net, 
     damping = 0.1
     for _ in range(3):
         v = rng.standard_normal(net.num_params)
-        Fv = T.fisher_vector_product(net, theta, cache, probs, v, damping)
+        Fv = T.fisher_vector_product(net, theta, cache, logits_old, v, damping)
         assert relative_error(Fv, F @ v + damping * v) < 1e-7
         assert relative_error(Fv, hessian @ v + damping * v) < 1e-5
 
@@ -793,7 +792,8 @@ def test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms(mon
     state receives the same stream of uniforms, the row of `uniforms` that belongs to that state (row i for
     the i-th rollout state in row-major (t, e) order), and different states receive different rows; for
     branches on every action (Eq. 15) and on K = 3 actions drawn from q (Eq. 16), states restored by fork or
-    by replay. A stand-in for branch_rollout reports a fingerprint of the stream it was given as its Q."""
+    by replay. A stand-in for branch_rollout reports a fingerprint of the stream it was given as its Q; every
+    action of a state's set gets its Q, and a repeated draw shares one branch."""
     weights = np.random.default_rng(7).standard_normal(5)
 
     def fingerprint(env, first_action, net, theta, uniforms, *args):
@@ -815,9 +815,10 @@ def test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms(mon
             trunk.close()
         for i, (t, e) in enumerate(states):
             branched = np.unique(batch["action_sets"][t, e])
-            assert draws is not None or np.array_equal(branched, np.arange(4))
-            assert np.all(batch["Q"][t, e, branched] == expected[i]), (t, e, draws is None)
-            assert np.isnan(np.delete(batch["Q"][t, e], branched)).all()
+            assert draws is not None or np.array_equal(batch["action_sets"][t, e], np.arange(4))
+            assert np.all(batch["Q"][t, e] == expected[i]), (t, e, draws is None)
+            assert batch["branches"][t, e] == len(branched)
+        assert np.isnan(batch["Q"][~rollout]).all() and batch["branches"][~rollout].sum() == 0
 
 
 # ----------------------------------------------------------------------------
@@ -1063,7 +1064,7 @@ def test_the_sampled_vine_surrogate_weights_each_branch_by_pi_theta_over_q(tmp_p
     or pi_old): the proposal recorded for each drawn action is q's probability of it (1/A for uniform,
     pi_old(a|s_n) for pi_old), and vine_problem's surrogate at theta_old and at 3 other logits equals the
     self-normalised estimate written out here, L = mean_n sum_k w_k Q_k / sum_k w_k with w_k = pi_theta(a_k |
-    s_n) / q(a_k | s_n), and Q_k the branch's Q of action a_k."""
+    s_n) / q(a_k | s_n), and Q_k the branch's Q of action a_k (batch["Q"][n, k])."""
     batch = vine_batch(vine_config(tmp_path, proposal, workers=1, vine_actions=3, vine_proposal=proposal))
     logits_old, actions = batch["rollout_logits"], batch["action_sets"]
     A = logits_old.shape[1]
@@ -1074,7 +1075,7 @@ def test_the_sampled_vine_surrogate_weights_each_branch_by_pi_theta_over_q(tmp_p
     _, surrogate_of_logits, _ = T.vine_problem(batch)
     for logits in [logits_old] + [logits_old + rng.standard_normal(logits_old.shape) for _ in range(3)]:
         p = softmax(logits)
-        expected = np.mean([sum(p[n, a] / q[n, k] * batch["Q"][n, a] for k, a in enumerate(actions[n]))
+        expected = np.mean([sum(p[n, a] / q[n, k] * batch["Q"][n, k] for k, a in enumerate(actions[n]))
                             / sum(p[n, a] / q[n, k] for k, a in enumerate(actions[n])) for n in range(len(actions))])
         assert np.isclose(surrogate_of_logits(logits)[0], expected, rtol=1e-12)
 
@@ -1093,12 +1094,13 @@ def test_vine_value_targets_are_the_surrogate_at_theta_old(rng):
     assert np.allclose(values, (softmax(logits) * Q).sum(axis=1), rtol=1e-12)
     assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
     actions = rng.integers(4, size=(5, 3))
-    batch.update(action_sets=actions, proposal=np.full((5, 3), 0.25))
+    Q_drawn = Q[np.arange(5)[:, None], actions]  # Q[n, k] is Q(s_n, a_nk), the k-th drawn action's
+    batch.update(Q=Q_drawn, action_sets=actions, proposal=np.full((5, 3), 0.25))
     _, surrogate_of_logits, values = T.vine_problem(batch)
     assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
     batch.update(proposal=softmax(logits)[np.arange(5)[:, None], actions])  # q = pi_old
     _, surrogate_of_logits, values = T.vine_problem(batch)
-    assert np.allclose(values, Q[np.arange(5)[:, None], actions].mean(axis=1), rtol=1e-12)
+    assert np.allclose(values, Q_drawn.mean(axis=1), rtol=1e-12)
     assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
 
 

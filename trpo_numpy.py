@@ -46,7 +46,7 @@ import numpy as np
 import cli
 import run_files
 from cli import EVAL_SEED_BASE, env_dims, make_env, reward_threshold  # environments by name, errors in a sentence
-from network import MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, log_softmax, sample, softmax
+from network import MLP, Adam, Categorical, DiagonalGaussian, policy_network, softmax
 from run_files import UserError
 
 
@@ -63,7 +63,8 @@ def option(default, help, **argparse_settings):
 class Config:
     scheme: str = option("single", "sampling scheme: 'single' path (Sec. 5.1) or 'vine' (Sec. 5.2)",
                          choices=["single", "vine"])
-    env: str = option("LunarLander-v3", "Gymnasium environment id, with a flat Box observation and Discrete actions")
+    env: str = option("LunarLander-v3", "Gymnasium environment id, with a flat Box observation, and Discrete "
+                                         "actions (a categorical policy) or Box ones (a Gaussian policy)")
     seed: int = option(0, "random seed: the same seed and --workers give the same run, to the bit, on one machine")
     total_steps: int = option(1_000_000, "environment steps to train for, summed over environments (the vine "
                                          "counts its trunk's)")
@@ -122,10 +123,20 @@ SCHEME_DEFAULTS = {"single": {},
 VINE_ITERATIONS = 150
 SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
+# Where the defaults for continuous actions (a Gaussian policy) differ, on top of the scheme's.
+# The vine draws K actions from q = pi_old (Eq. 16), as the paper does for large action spaces:
+# there is no "every action" of a continuous space.
+CONTINUOUS_DEFAULTS = {"single": {},
+                       "vine": {"vine_actions": 4, "vine_proposal": "pi_old"}}
+
 
 def scheme_config(scheme="single", **given):
-    """The Config of a run: the settings given, and the scheme's defaults (SCHEME_DEFAULTS) for the rest."""
-    cfg = Config(**{**SCHEME_DEFAULTS[scheme], **given, "scheme": scheme})
+    """The Config of a run: the settings given, and for the rest the scheme's defaults (SCHEME_DEFAULTS),
+    and those of continuous actions (CONTINUOUS_DEFAULTS) if the environment's are."""
+    defaults = SCHEME_DEFAULTS[scheme]
+    if env_dims(given.get("env", Config.env))[2]:  # continuous actions
+        defaults = {**defaults, **CONTINUOUS_DEFAULTS[scheme]}
+    cfg = Config(**{**defaults, **given, "scheme": scheme})
     if scheme == "vine" and "total_steps" not in given:
         cfg.total_steps = VINE_ITERATIONS * cfg.batch_size
     if scheme == "vine" and "stop_return" not in given:
@@ -161,29 +172,33 @@ class SinglePathSampler:
     def sample(self, net, theta, steps):
         """Step every environment `steps` times under pi_theta. Returns a dict of (T, E, ...) arrays.
 
-        `next_obs[t, e]` is the observation that really followed action t, the final one
+        A continuous action is recorded as sampled, and the environment takes it clipped to its
+    bounds (cli.make_env): the log-prob is the sampled action's, as in most implementations.
+    `next_obs[t, e]` is the observation that really followed action t, the final one
         when the episode ended there (before the reset): V(next_obs) is what a truncated
         episode, or the batch's last step, bootstraps with. `episode_return[t, e]` is the
         return of the episode that ended at step t, NaN where none ended.
         """
         E, D = self.obs.shape
+        dist = net.distribution  # categorical (discrete actions) or diagonal Gaussian (continuous)
         batch = {
             "obs": np.zeros((steps, E, D)),
             "next_obs": np.zeros((steps, E, D)),
-            "actions": np.zeros((steps, E), dtype=np.int64),
             "rewards": np.zeros((steps, E)),
             "terminated": np.zeros((steps, E), dtype=bool),
             "truncated": np.zeros((steps, E), dtype=bool),
             "episode_return": np.full((steps, E), np.nan),
         }
-        logits_steps = []
+        logits_steps, action_steps = [], []
         rewards, next_obs, obs_after = [0.0] * E, [None] * E, [None] * E  # step t, per environment
         for t in range(steps):
-            # (E, A): ONE forward pass for all environments (kept: the vine's q = pi_old reads it)
+            # (E, A): ONE forward pass for all environments (kept: the vine's q = pi_old reads it).
+            # For a Gaussian policy these "logits" are z = [mu, log sigma], (E, 2d).
             self.logits, _ = net.forward(theta, self.obs)
-            actions = sample(self.logits, [rng.random() for rng in self.action_rngs]).tolist()
+            action_steps.append(dist.sample(self.logits, [dist.noise(rng, net.sizes[-1])
+                                                          for rng in self.action_rngs]))
+            actions = action_steps[-1].tolist()
             batch["obs"][t] = self.obs
-            batch["actions"][t] = actions
             logits_steps.append(self.logits)
             # The hot path: Python lists per environment, copied into the arrays once per step.
             for e in range(E):
@@ -203,6 +218,8 @@ class SinglePathSampler:
             batch["next_obs"][t] = next_obs
             self.obs = np.array(obs_after, dtype=np.float64)
         batch["logits"] = np.array(logits_steps)  # (T, E, A), pi_old's logits at every state
+        # (T, E) integers, or (T, E, d) floats: the actions sampled, before the environment clips them
+        batch["actions"] = np.array(action_steps)
         return batch
 
     def step(self, t, e, action):
@@ -296,68 +313,65 @@ def standardize(advantages):
 # 3. The surrogate objective (Eq. 14) and the mean KL (Eq. 12)
 # ----------------------------------------------------------------------------
 
-def surrogate(logits, actions, logp_old, advantages):
+def surrogate(logits, actions, logp_old, advantages, dist=Categorical):
     """Single-path surrogate of Eq. (14) with q = pi_old:  L(theta) = mean_i [pi_theta(a_i|s_i) / pi_old(a_i|s_i) * A_i].
 
-    Returns (L, dL/dlogits). The gradient through the softmax is
-    dL/dz_i = ratio_i * A_i * (onehot(a_i) - p_i) / N, since d log p_a / dz = onehot(a) - p.
+    Returns (L, dL/dlogits). Since d ratio / dz = ratio * d log pi(a|s) / dz,
+    dL/dz_i = ratio_i * A_i * d log pi(a_i|s_i)/dz_i / N: for a categorical (onehot(a_i) - p_i),
+    for a Gaussian [(a - mu) / sigma^2, (a - mu)^2 / sigma^2 - 1] (network.py).
     At theta = theta_old the ratio is 1 and this is the policy gradient."""
     N = len(actions)
-    ratio = np.exp(log_prob(logits, actions) - logp_old)
-    grad = -softmax(logits)
-    grad[np.arange(N), actions] += 1.0
-    grad *= (ratio * advantages / N)[:, None]
+    ratio = np.exp(dist.log_prob(logits, actions) - logp_old)
+    grad = dist.log_prob_grad(logits, actions) * (ratio * advantages / N)[:, None]
     return np.mean(ratio * advantages), grad
 
 
-def single_path_problem(batch):
-    """The states of the single-path step and what Eq. (14) needs there: (states (N, D), actions (N,),
-    log pi_old(a|s) (N,)), N = T * E in row-major (t, e) order, as the advantages are."""
+def single_path_problem(batch, dist=Categorical):
+    """The states of the single-path step and what Eq. (14) needs there: (states (N, D), actions (N,)
+    or (N, d), log pi_old(a|s) (N,)), N = T * E in row-major (t, e) order, as the advantages are."""
     states = batch["obs"].reshape(-1, batch["obs"].shape[-1])
-    actions = batch["actions"].ravel()
-    return states, actions, log_prob(batch["logits"].reshape(len(actions), -1), actions)
+    actions = batch["actions"].reshape(len(states), *batch["actions"].shape[2:])
+    return states, actions, dist.log_prob(batch["logits"].reshape(len(states), -1), actions)
 
 
-def entropy_bonus(logits):
-    """Mean policy entropy H = mean_i -sum_a p_a log p_a and its gradient in the logits,
-    dH_i/dz = -p * (log p + H_i) / N. An addition (--entropy-coef), not in the paper: it
-    rewards keeping the policy random, against settling early on a mediocre behaviour."""
-    logp = log_softmax(logits)
-    p = np.exp(logp)
-    H = -(p * logp).sum(axis=1, keepdims=True)  # (N, 1)
-    return float(H.mean()), -p * (logp + H) / len(logits)
+def entropy_bonus(logits, dist=Categorical):
+    """Mean policy entropy H = mean_i H(pi(.|s_i)) and its gradient in the logits, dist.entropy_grad / N.
+    An addition (--entropy-coef), not in the paper: it rewards keeping the policy random, against
+    settling early on a mediocre behaviour."""
+    return float(np.mean(dist.entropy(logits))), dist.entropy_grad(logits) / len(logits)
 
 
-def with_entropy_bonus(surrogate_of_logits, coef):
+def with_entropy_bonus(surrogate_of_logits, coef, dist=Categorical):
     """The objective L(theta) + coef * H(theta): the surrogate plus the entropy bonus."""
     def objective(logits):
         L, dL = surrogate_of_logits(logits)
-        H, dH = entropy_bonus(logits)
+        H, dH = entropy_bonus(logits, dist)
         return L + coef * H, dL + coef * dH
     return objective
 
 
-def mean_kl(logits_old, logits_new):
+def mean_kl(logits_old, logits_new, dist=Categorical):
     """KLbar(theta_old, theta) = mean_i KL(pi_old(.|s_i) || pi_theta(.|s_i)), the constraint of Eq. (12)."""
-    return np.mean(kl(logits_old, logits_new))
+    return np.mean(dist.kl(logits_old, logits_new))
 
 
 # ----------------------------------------------------------------------------
 # 4.-6. The step: conjugate gradient, maximal step, line search (Appendix C)
 # ----------------------------------------------------------------------------
 
-def fisher_vector_product(net, theta, cache, probs, v, damping):
+def fisher_vector_product(net, theta, cache, logits, v, damping):
     """(F + damping I) v without forming F (Appendix C.1).
 
-    F = (1/N) sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i is the Hessian of KLbar at theta_old,
-    J_i = dz_i/dtheta. Three passes over the batch:
+    F = (1/N) sum_i J_i^T M_i J_i is the Hessian of KLbar at theta_old, J_i = dz_i/dtheta and
+    M_i the Fisher of the distribution in its parameters z_i = `logits[i]`: diag(p_i) - p_i p_i^T
+    for a categorical, diag(1/sigma^2, 2) in (mu, log sigma) for a Gaussian. Three passes:
       u = J v            forward-mode pass (net.jvp)                 # (N, A)
-      w = (diag p - p p^T) u, row by row                               # (N, A)
+      w = M u, row by row (net.distribution.fisher_product)           # (N, A)
       F v = J^T w / N    one ordinary backward pass (net.backward)    # (num_params,)
     """
     u = net.jvp(theta, cache, v)
-    w = categorical_fisher_product(probs, u)
-    return net.backward(theta, cache, w) / len(probs) + damping * v
+    w = net.distribution.fisher_product(logits, u)
+    return net.backward(theta, cache, w) / len(logits) + damping * v
 
 
 def conjugate_gradient(matrix_vector_product, b, iters, residual_tol=1e-10):
@@ -426,11 +440,11 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     Returns (theta_new, info) with the diagnostics the log line shows; info["logits_new"] holds
     the policy's logits on `states` at theta_new.
     """
+    dist = net.distribution
     logits_old, cache = net.forward(theta_old, states)
-    probs_old = softmax(logits_old)
     L_old, dL_dlogits = surrogate_of_logits(logits_old)
     info = {"kl": 0.0, "kl_largest_state": 0.0, "backtracks": 0, "expected_improve": 0.0, "actual_improve": 0.0,
-            "accepted": False, "entropy": float(np.mean(entropy(logits_old))), "logits_new": logits_old}
+            "accepted": False, "entropy": float(np.mean(dist.entropy(logits_old))), "logits_new": logits_old}
 
     # 1. the policy gradient
     g = net.backward(theta_old, cache, dL_dlogits)
@@ -441,10 +455,10 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     # 2. natural gradient direction x = (F + damping I)^-1 g, F estimated on every k-th row of `states`
     # (the forward pass's cache holds every layer's input: its every k-th row is that state's)
     fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]
-    fisher_probs = probs_old[::cfg.fisher_subsample]
+    fisher_logits = logits_old[::cfg.fisher_subsample]
 
     def Fvp(v):
-        return fisher_vector_product(net, theta_old, fisher_cache, fisher_probs, v, cfg.damping)
+        return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping)
     x = conjugate_gradient(Fvp, g, cfg.cg_iters)
 
     # 3. step size from the quadratic model of the KL: 1/2 (beta x)^T (F + damping I) (beta x) = delta
@@ -462,7 +476,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
 
     def evaluate(theta):
         tried["logits"] = logits = net.forward(theta, states)[0]
-        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits)
+        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits, dist)
     if cfg.trust_region:
         # Rounding moves L by about 1e-16 of max(1, |L_old|); 1e-10 of it is far above that, and
         # still far below any real improvement. Without a threshold, a gradient that is
@@ -476,7 +490,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
                 expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
     info["logits_new"] = tried["logits"] if ok else logits_old
-    info["kl_largest_state"] = float(np.max(kl(logits_old, info["logits_new"])))  # D_KL^max of Sec. 3
+    info["kl_largest_state"] = float(np.max(dist.kl(logits_old, info["logits_new"])))  # D_KL^max of Sec. 3
     if not ok:
         info["skipped"] = "line search failed, keeping old parameters"
     return theta_new, info
@@ -564,7 +578,7 @@ def train_iteration(state, sampler):
 
     # 3. the scheme's surrogate, over the states the step is taken on
     if cfg.scheme == "vine":  # Eq. (15) or (16) over the rollout set
-        states, surrogate_of_logits, branch_values = vine_problem(batch)
+        states, surrogate_of_logits, branch_values = vine_problem(batch, net.distribution)
         # for the log (progress_row): the surrogate in the return's units, and Theorem 1's eps = max |A|
         logits_old, in_return_units = batch["rollout_logits"], surrogate_of_logits
         largest_advantage = np.nanmax(np.abs(batch["Q"] - branch_values[:, None]))
@@ -573,17 +587,18 @@ def train_iteration(state, sampler):
             value_targets = np.concatenate([value_targets, branch_values])
             values = np.concatenate([values, value_fn.predict(states)])
     else:  # Eq. (14) over the whole batch
-        states, actions, logp_old = single_path_problem(batch)
+        states, actions, logp_old = single_path_problem(batch, net.distribution)
         logits_old = batch["logits"].reshape(len(states), -1)
         step_advantages = standardize(advantages) if cfg.normalize_advantages else advantages
 
         def surrogate_of_logits(logits):
-            return surrogate(logits, actions, logp_old, step_advantages)
+            return surrogate(logits, actions, logp_old, step_advantages, net.distribution)
 
         def in_return_units(logits):  # for the log: the same surrogate with the advantages unscaled
-            return surrogate(logits, actions, logp_old, advantages)
+            return surrogate(logits, actions, logp_old, advantages, net.distribution)
         largest_advantage = np.max(np.abs(advantages))
-    objective = with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef) if cfg.entropy_coef else surrogate_of_logits
+    objective = (with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef, net.distribution) if cfg.entropy_coef
+                 else surrogate_of_logits)
 
     # 4.-6. the trust-region step. 7. The value fit needs nothing from it: a second thread does
     # it meanwhile, on the core the step leaves idle (NumPy releases Python's lock in its array work).
@@ -622,9 +637,10 @@ def train(cfg, verbose=True, resume=None, progress_bar=True):
     Returns (policy_net, theta, history) where history holds one dict per iteration. From Python:
         net, theta, history = train(scheme_config("single", env="CartPole-v1", total_steps=50_000))"""
     cli.validate(cfg)  # a value the algorithm cannot run with ends here, in one sentence (UserError)
-    obs_dim, num_actions = env_dims(cfg.env)  # a bad env fails here, before any folder or worker
+    obs_dim, num_actions, continuous = env_dims(cfg.env)  # a bad env fails here, before any folder or worker
     rng = np.random.default_rng(cfg.seed)
-    policy_net = MLP([obs_dim, *cfg.hidden, num_actions])
+    # discrete actions: an MLP giving a categorical's logits; continuous: a Gaussian policy (network.py)
+    policy_net = policy_network([obs_dim, *cfg.hidden, num_actions], continuous)
     theta = policy_net.init(rng, output_gain=0.01)  # every action nearly equally likely at first
     value_fn = ValueFunction(MLP([obs_dim, *cfg.hidden, 1]), rng, lr=cfg.vf_lr)
     state = run_files.TrainingState(cfg, policy_net, value_fn, rng, theta)  # what a checkpoint holds
@@ -730,13 +746,13 @@ def explained_variance(prediction, target):
 # The vine (TRPO Sec. 5.2)
 # ----------------------------------------------------------------------------
 
-def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None, lam=1.0):
+def branch_rollout(env, first_action, net, theta, noise, gamma, value_fn=None, lam=1.0):
     """One branch of the vine: from env's current state take `first_action`, then follow pi_theta.
 
-    The branch runs len(uniforms) steps at most, the first action included, and stops
-    earlier if the episode ends; H below is the number of steps it took. Step l samples its
-    action with uniforms[l], so branches given the same uniforms share their random numbers.
-    Returns (Q, H).
+    The branch runs len(noise) steps at most, the first action included, and stops earlier if
+    the episode ends; H below is the number of steps it took. Step l samples its action with
+    noise[l] (a uniform for a categorical policy, d standard normals for a Gaussian one), so
+    branches given the same noise share their random numbers. Returns (Q, H).
 
     With value_fn None, Q is the paper's Monte-Carlo estimate sum_l gamma^l r_l. Otherwise Q
     is the branch's lambda-return, an addition of ours (neither paper bootstraps a branch),
@@ -750,18 +766,22 @@ def branch_rollout(env, first_action, net, theta, uniforms, gamma, value_fn=None
     distant rewards differ by chance, not because of the first action.
     """
     layers = net.unflatten(theta)  # split once: each step's policy pass is then three small products
-    obs, reward, terminated, truncated, _ = env.step(int(first_action))
+    sigma = np.exp(theta[net.mean_params:]) if net.distribution is DiagonalGaussian else None
+    obs, reward, terminated, truncated, _ = env.step(first_action)
     rewards, observations = [reward], [obs]
-    while len(rewards) < len(uniforms) and not (terminated or truncated):
+    while len(rewards) < len(noise) and not (terminated or truncated):
         h = np.asarray(obs, dtype=np.float64)  # (D,): one state, so vector-matrix products
         for W, b in layers[:-1]:
             h = np.tanh(h @ W + b)
         W, b = layers[-1]
         z = h @ W + b
-        # network.sample's rule for one state, without its batch shapes: the action is the number
-        # of entries of the (unnormalised) cumulative distribution below u times its total
-        cdf = np.cumsum(np.exp(z - z.max()))
-        action = int(np.count_nonzero(uniforms[len(rewards)] * cdf[-1] > cdf))
+        if sigma is not None:  # a Gaussian policy: z is the mean, a = mu + sigma * n
+            action = z + sigma * noise[len(rewards)]
+        else:
+            # network.sample's rule for one state, without its batch shapes: the action is the number
+            # of entries of the (unnormalised) cumulative distribution below u times its total
+            cdf = np.cumsum(np.exp(z - z.max()))
+            action = int(np.count_nonzero(noise[len(rewards)] * cdf[-1] > cdf))
         obs, reward, terminated, truncated, _ = env.step(action)
         rewards.append(reward)
         observations.append(obs)
@@ -825,50 +845,60 @@ class VineTrunk(SinglePathSampler):
         seconds, fork_seconds = self.pool.fork_overhead(twenty_steps)
         return fork_seconds / (seconds / 20)
 
-    def sample(self, net, theta, steps, rollout, uniforms, draws, proposal, gamma, value_fn, lam):
+    def sample(self, net, theta, steps, rollout, noise, draws, proposal, gamma, value_fn, lam):
         """The trunk batch of this worker's E environments, plus what the branches found.
 
-        `rollout` (T, E) marks the rollout states. Row i of `uniforms` (n, H) is the stream of
+        `rollout` (T, E) marks the rollout states. Row i of `noise` (n, H, ...) is the stream of
         random numbers of the i-th of them in row-major (t, e) order, shared by all its branches;
-        row i of `draws` (n, K) holds the uniforms that draw its K actions from q (`proposal`:
-        "uniform" or "pi_old"); draws is None to branch on every action. Adds to the batch, per
-        state: Q (T, E, A), NaN for actions not branched on; action_sets (T, E, K); q_drawn
-        (T, E, K), q of each drawn action; branch_steps (T, E).
+        row i of `draws` (n, K, ...) holds the random numbers that draw its K actions from q
+        (`proposal`: "uniform" or "pi_old"); draws is None to branch on every action. Adds to the
+        batch, per state: action_sets (T, E, K, ...), its K actions; Q (T, E, K), the Q of each (NaN
+        away from rollout states); q_drawn (T, E, K), q of each drawn action; branch_steps and
+        branches (T, E), the steps simulated and the branches run.
         """
-        A = net.sizes[-1]
-        K = A if draws is None else draws.shape[-1]
-        Q = np.full((steps, rollout.shape[1], A), np.nan)
-        action_sets = np.zeros((steps, rollout.shape[1], K), dtype=np.int64)
-        q_drawn = np.ones((steps, rollout.shape[1], K))
+        dist, A = net.distribution, net.sizes[-1]
+        K = A if draws is None else draws.shape[1]
+        action_shape = (A,) if dist is DiagonalGaussian else ()
+        Q = np.full((*rollout.shape, K), np.nan)
+        action_sets = np.zeros((*rollout.shape, K, *action_shape), dtype=np.float64 if action_shape else np.int64)
+        q_drawn = np.ones((*rollout.shape, K))
         branch_steps = np.zeros(rollout.shape, dtype=np.int64)
-        results = {}  # (t, e, a) -> (Q, branch steps)
-        row = np.cumsum(rollout.ravel()).reshape(rollout.shape) - 1  # (t, e) -> its row of uniforms and draws
+        branches = np.zeros(rollout.shape, dtype=np.int64)
+        results = {}  # (t, e, k) -> (Q, branch steps) of the k-th action of the state's set
+        shared = {}  # (t, e) -> for each k, the k' whose branch gives its Q (a repeated draw: the first)
+        row = np.cumsum(rollout.ravel()).reshape(rollout.shape) - 1  # (t, e) -> its row of noise and draws
 
         def branch(t, e):
             if draws is None:
                 actions = np.arange(A)  # all actions: Eq. (15)
             else:  # K draws from q: Eq. (16)
-                q_logits = self.logits[e] if proposal == "pi_old" else np.zeros(A)
-                actions = sample(np.tile(q_logits, (K, 1)), draws[row[t, e]])
-                q_drawn[t, e] = softmax(q_logits[None])[0, actions]
+                q_logits = np.tile(self.logits[e] if proposal == "pi_old" else np.zeros(A), (K, 1))
+                actions = dist.sample(q_logits, draws[row[t, e]])
+                q_drawn[t, e] = np.exp(dist.log_prob(q_logits, actions))
             action_sets[t, e] = actions
-            for a in np.unique(actions):  # a repeated draw shares its branch: same action, same numbers
+            # a repeated draw shares its branch: same action, same numbers
+            _, first, same = np.unique(actions, axis=0, return_index=True, return_inverse=True)
+            shared[(t, e)] = first[same.ravel()]
+            for k in first:
                 if len(self.episode_actions[e]) >= self.replay_below:
-                    self.pool.submit((t, e, a), lambda a=a: branch_rollout(
-                        self.envs[e], a, net, theta, uniforms[row[t, e]], gamma, value_fn, lam))
+                    self.pool.submit((t, e, k), lambda a=actions[k]: branch_rollout(
+                        self.envs[e], a, net, theta, noise[row[t, e]], gamma, value_fn, lam))
                 else:
                     env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])
-                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[row[t, e]], gamma, value_fn,
-                                                        lam)
+                    results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, noise[row[t, e]], gamma,
+                                                        value_fn, lam)
 
         self.rollout, self.branch = rollout, branch
         batch = super().sample(net, theta, steps)
         if self.pool is not None:
             results.update(self.pool.gather())
-        for (t, e, a), (q_value, n) in results.items():
-            Q[t, e, a] = q_value
+        for (t, e, k), (q_value, n) in results.items():
+            Q[t, e, k] = q_value
             branch_steps[t, e] += n
-        batch.update(Q=Q, action_sets=action_sets, q_drawn=q_drawn, branch_steps=branch_steps)
+            branches[t, e] += 1
+        for (t, e), first in shared.items():
+            Q[t, e] = Q[t, e, first]
+        batch.update(Q=Q, action_sets=action_sets, q_drawn=q_drawn, branch_steps=branch_steps, branches=branches)
         return batch
 
     def step(self, t, e, action):
@@ -915,32 +945,32 @@ class VineSampler:
         self.trunks = ParallelSampler(VineTrunk, cfg.env, env_seeds, action_seeds, cfg.workers, restore)
 
     def sample(self, net, theta, steps):
-        """Trunk batch (as SinglePathSampler's) plus rollout_states (N, D), their Q estimates and action sets."""
+        """Trunk batch (as SinglePathSampler's) plus rollout_states (N, D), their action sets and Q estimates."""
         cfg, E = self.cfg, self.cfg.num_envs
         N = min(cfg.vine_states, steps * E)
         rollout = np.zeros((steps, E), dtype=bool)
         rollout.flat[self.rng.choice(steps * E, size=N, replace=False)] = True
         # one row per rollout state, in row-major (t, e) order: a stream shared by all its branches
-        uniforms = self.rng.random((N, cfg.vine_horizon))
-        draws = self.rng.random((N, cfg.vine_actions)) if cfg.vine_actions else None
+        dist, A = net.distribution, net.sizes[-1]
+        noise = dist.noise(self.rng, A, (N, cfg.vine_horizon))
+        draws = dist.noise(self.rng, A, (N, cfg.vine_actions)) if cfg.vine_actions else None
         row = np.zeros((steps, E), dtype=np.int64)
         row[rollout] = np.arange(N)
         rows = [row[:, part][rollout[:, part]] for part in self.trunks.parts]  # each worker's states, in order
         bootstrap = self.value_fn if cfg.vine_bootstrap else None
         started = time.perf_counter()
         batch = self.trunks.sample_parts([
-            (net, theta, steps, rollout[:, part], uniforms[r], None if draws is None else draws[r],
+            (net, theta, steps, rollout[:, part], noise[r], None if draws is None else draws[r],
              cfg.vine_proposal, cfg.gamma, bootstrap, cfg.lam) for part, r in zip(self.trunks.parts, rows)])
         seconds = time.perf_counter() - started
-        Q = batch.pop("Q")[rollout]  # (N, A), states in row-major (t, e) order
         batch.update(
-            rollout_states=batch["obs"][rollout],
+            rollout_states=batch["obs"][rollout],  # (N, D), states in row-major (t, e) order
             rollout_logits=batch["logits"][rollout],
-            Q=Q,
+            Q=batch.pop("Q")[rollout],  # (N, K): Q(s_n, a_nk) of the k-th action of state n's set
             action_sets=batch.pop("action_sets")[rollout],
             proposal=batch.pop("q_drawn")[rollout] if cfg.vine_actions else None,
             branch_steps=int(batch.pop("branch_steps").sum()),
-            restores=int(np.sum(~np.isnan(Q))),
+            restores=int(batch.pop("branches").sum()),
             branch_seconds=seconds)
         return batch
 
@@ -958,46 +988,52 @@ def all_actions_surrogate(logits, Q):
     return float(V.mean()), p * (Q - V) / len(Q)
 
 
-def importance_sampled_surrogate(logits, actions, proposal, Q):
+def each_drawn(logits, actions):
+    """The K actions drawn at each of N states, (N, K, ...), as N K rows, each beside its state's
+    distribution parameters: (logits (N K, ...), actions (N K, ...))."""
+    N, K = actions.shape[:2]
+    return np.repeat(logits, K, axis=0), actions.reshape(N * K, *actions.shape[2:])
+
+
+def importance_sampled_surrogate(logits, actions, proposal, Q, dist=Categorical):
     """Vine surrogate with K sampled actions per state, self-normalised importance sampling (Eq. 16):
 
         L_n = sum_k w_k Q_k / sum_k w_k,   w_k = pi_theta(a_k|s_n) / q(a_k|s_n),   L = mean_n L_n.
 
     Eq. (16) as printed divides by pi_theta_old; dividing by q, the distribution the actions
     were drawn from, is the consistent estimator for any q (the two agree when q = pi_old).
-    `actions`, `proposal` (q of each drawn action) and `Q` are (N, K). Returns (L, dL/dlogits).
-    With W = sum_k w_k and dw_k/dz = w_k (onehot(a_k) - p):
-        dL_n/dz = sum_k (w_k / W) (Q_k - L_n) (onehot(a_k) - p).
-    (The p term sums to zero, since sum_k w_k (Q_k - L_n) = 0; it is kept to show the chain rule.)"""
-    N = len(actions)
-    p = softmax(logits)
-    w = np.exp(np.take_along_axis(log_softmax(logits), actions, axis=1)) / proposal  # (N, K)
+    `proposal` (q of each drawn action, a density for continuous actions) and `Q` are (N, K),
+    `actions` (N, K, ...). Returns (L, dL/dlogits). With W = sum_k w_k and
+    dw_k/dz = w_k d log pi(a_k|s_n)/dz:
+        dL_n/dz = sum_k (w_k / W) (Q_k - L_n) d log pi(a_k|s_n)/dz,
+    where d log pi/dz is onehot(a_k) - p for a categorical (the p term then sums to zero, since
+    sum_k w_k (Q_k - L_n) = 0) and [(a - mu) / sigma^2, (a - mu)^2 / sigma^2 - 1] for a Gaussian."""
+    N, K = Q.shape
+    z, a = each_drawn(logits, actions)
+    w = np.exp(dist.log_prob(z, a)).reshape(N, K) / proposal
     W = w.sum(axis=1, keepdims=True)
     L_n = (w * Q).sum(axis=1, keepdims=True) / W  # (N, 1)
     c = w / W * (Q - L_n)  # (N, K)
-    grad = np.zeros_like(logits)
-    np.add.at(grad, (np.arange(N)[:, None], actions), c)  # sum_k c_k onehot(a_k); repeated actions add up
-    grad -= c.sum(axis=1, keepdims=True) * p
+    grad = (c.reshape(N * K, 1) * dist.log_prob_grad(z, a)).reshape(N, K, -1).sum(axis=1)  # sum over k
     return float(L_n.mean()), grad / N
 
 
-def vine_problem(batch):
+def vine_problem(batch, dist=Categorical):
     """The states and surrogate of the vine step: the rollout set, with Eq. (15) or Eq. (16).
 
     Also returns the branches' estimates of V(s_n) = sum_a pi_old(a|s_n) Q(s_n, a) (with K
     sampled actions, by the same self-normalised weights): the surrogate at theta_old."""
-    Q, action_sets, p_old = batch["Q"], batch["action_sets"], softmax(batch["rollout_logits"])
-    if batch["proposal"] is None:
+    Q, action_sets, logits_old = batch["Q"], batch["action_sets"], batch["rollout_logits"]
+    if batch["proposal"] is None:  # every action: action_sets[n] is 0, ..., A - 1, so Q[n, a] = Q(s_n, a)
         def surrogate_of_logits(logits):
             return all_actions_surrogate(logits, Q)
-        values = (p_old * Q).sum(axis=1)
+        values = (softmax(logits_old) * Q).sum(axis=1)
     else:
-        Q_drawn = np.take_along_axis(Q, action_sets, axis=1)  # (N, K): Q of each drawn action
-
         def surrogate_of_logits(logits):
-            return importance_sampled_surrogate(logits, action_sets, batch["proposal"], Q_drawn)
-        w = np.take_along_axis(p_old, action_sets, axis=1) / batch["proposal"]
-        values = (w * Q_drawn).sum(axis=1) / w.sum(axis=1)
+            return importance_sampled_surrogate(logits, action_sets, batch["proposal"], Q, dist)
+        z_old, a = each_drawn(logits_old, action_sets)
+        w = np.exp(dist.log_prob(z_old, a)).reshape(Q.shape) / batch["proposal"]
+        values = (w * Q).sum(axis=1) / w.sum(axis=1)
     return batch["rollout_states"], surrogate_of_logits, values
 
 
