@@ -1,37 +1,42 @@
-"""bench.py: how fast TRPO learns LunarLander-v3 here, and how close to the simulator's speed it runs.
+"""bench.py: how fast TRPO learns an environment here (LunarLander-v3 by default), and how close to the
+simulator's speed it runs.
 
-Each seed (by default 0 to 9) trains with the scheme's default settings (trpo_numpy.Config
-and SCHEME_DEFAULTS), and --total-steps when given. Measured in the same process, just before
-that seed's run and again just after it: the raw stepping rate of the bare simulator (one
-environment, random actions); the mean of the two is the ceiling that training is compared with.
+Each seed (by default 0 to 9) trains with the default settings of the scheme and of the environment's
+actions (trpo_numpy.Config, SCHEME_DEFAULTS and CONTINUOUS_DEFAULTS), and --total-steps when given.
+Measured in the same process, just before that seed's run and again just after it: the raw stepping
+rate of the bare simulator (one environment, random actions); the mean of the two is the ceiling
+that training is compared with. The target is the environment's reward threshold (LunarLander: 200),
+or --target.
 
 Single path (--scheme single), per seed: the end-to-end env steps per second
 (sampling AND updates) as a ratio to the ceiling; the env steps and wall seconds
-at which the rolling 100-episode training mean first reached 200; the final
+at which the rolling 100-episode training mean first reached the target; the final
 policy's mean return over evaluation episodes on seeds training never used,
-greedy (most likely action) and sampled.
+greedy (most likely action, or a Gaussian's mean) and sampled.
 
 Vine (--scheme vine), per seed, with the vine's defaults (it stops once the rolling
-100-episode trunk mean reaches 200, or after 150 iterations, or after --total-steps trunk steps
-when that is given): iterations, trunk env steps, all simulated steps (trunk and branches) and
-wall seconds to 200; the simulator's utilisation, i.e. trunk and branch steps per second as a
-ratio of the ceiling times the cores; the cost of one fork restore plus a branch, against plain
-env steps; and the final policy's greedy evaluation.
+100-episode trunk mean reaches the target, or after 150 iterations, or after --total-steps trunk
+steps when that is given): iterations, trunk env steps, all simulated steps (trunk and branches)
+and wall seconds to the target; the simulator's utilisation, i.e. trunk and branch steps per
+second as a ratio of the ceiling times the cores; the cost of one fork restore plus a branch,
+against plain env steps; and the final policy's greedy evaluation.
 
 It prints a Markdown table and writes, never over a file it did not make in this run, into a
-new folder of its own: bench_runs/<scheme>, or <out>/<scheme> with --out (numbered -2, -3, ...
-when that folder exists): the table <scheme>.md, the JSON <scheme>.json (rewritten after every
-seed, so a benchmark stopped early keeps the seeds it finished), every seed's learning curve in
-<scheme>_learning_curves.png, and each seed's training run in runs/<scheme>-seed<N>.
+new folder of its own: bench_runs/<name>, or <out>/<name> with --out (numbered -2, -3, ...
+when that folder exists), where <name> is the scheme, or <env>-<scheme> for another environment
+than LunarLander-v3: the table <name>.md, the JSON <name>.json (rewritten after every seed, so a
+benchmark stopped early keeps the seeds it finished), every seed's learning curve in
+<name>_learning_curves.png, and each seed's training run in runs/<scheme>-seed<N>.
 
-The results README.md and RESULTS.md show (bench_results/<scheme>.md and .json,
-plots/<scheme>_learning_curves.png, plots/trust_region.png) are replaced only with --publish,
+The results README.md and RESULTS.md show (bench_results/<name>.md and .json,
+plots/<name>_learning_curves.png, plots/trust_region.png) are replaced only with --publish,
 once every seed has finished.
 
 Usage:
   python bench.py --scheme single --seeds 0 1 --total-steps 200000   # a quick look: bench_runs/single/
   python bench.py --scheme single --publish    # regenerates bench_results/single.* and plots/single_learning_curves.png
   python bench.py --scheme vine --publish      # regenerates bench_results/vine.* and plots/vine_learning_curves.png
+  python bench.py --env LunarLanderContinuous-v3 --seeds 0 1 2 3 4 --publish
   python bench.py --trust-region-demo --publish    # regenerates plots/trust_region.png
 
 Exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
@@ -51,7 +56,7 @@ import numpy as np
 from network import policy_network
 from run_files import UserError
 
-SOLVED = 200.0
+DEFAULT_ENV = T.Config.env
 DEFAULT_OUT = "bench_runs"  # each benchmark in a new folder <out>/<scheme> (numbered if taken)
 HERE = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED_RESULTS = os.path.join(HERE, "bench_results")  # what README.md and RESULTS.md show: only with --publish
@@ -100,31 +105,37 @@ def restore_cost(cfg, branches=100):
     return seconds / branches, steps / branches
 
 
-def first_crossing(history, threshold=SOLVED):
+def first_crossing(history, threshold):
     """The first iteration's row whose rolling return reached threshold, else None."""
     return next((row for row in history if row["rolling_return"] >= threshold), None)
 
 
-def seed_config(scheme, seed, total_steps, out):
-    """One seed's Config: the scheme's defaults, and total_steps when the user gave --total-steps (else
-    the single path's 1,000,000 steps, or the vine's at most VINE_ITERATIONS iterations, stopping at 200)."""
+def seed_config(scheme, seed, total_steps, out, env=DEFAULT_ENV, target=None):
+    """One seed's Config: the defaults of the scheme and of env's actions, and total_steps when the user gave
+    --total-steps (else the single path's 1,000,000 steps, or the vine's at most VINE_ITERATIONS iterations,
+    stopping at target, by default the environment's reward threshold)."""
     given = {} if total_steps is None else {"total_steps": total_steps}
-    return T.scheme_config(scheme, seed=seed, out=out, **given)
+    if scheme == "vine" and target is not None:
+        given["stop_return"] = target
+    return T.scheme_config(scheme, seed=seed, out=out, env=env, **given)
 
 
-def bench_seed(cfg, eval_episodes):
-    """Train one seed's run (cfg, its folder cfg.out new and empty) and measure it: a dict of results."""
+def bench_seed(cfg, eval_episodes, target):
+    """Train one seed's run (cfg, its folder cfg.out new and empty) and measure it: a dict of results,
+    with the first iteration whose rolling return reached target."""
     scheme, seed = cfg.scheme, cfg.seed
-    ceiling_before = raw_ceiling(T.Config.env, seed=seed)
+    ceiling_before = raw_ceiling(cfg.env, seed=seed)
     net, theta, history = T.train(cfg, verbose=False)
     # The machine's speed drifts (a shared virtual machine's by 30% within minutes): the ceiling
     # the run is compared with is the mean of one measure just before it and one just after.
-    ceiling_after = raw_ceiling(T.Config.env, seed=seed)
+    ceiling_after = raw_ceiling(cfg.env, seed=seed)
     ceiling = (ceiling_before + ceiling_after) / 2
-    solved = first_crossing(history)
+    solved = first_crossing(history, target)
     last = history[-1]
     result = {
         "seed": seed,
+        "env": cfg.env,
+        "target": target,
         "run_dir": cfg.out,
         "ceiling_steps_per_s": ceiling,
         "ceiling_before_and_after": [ceiling_before, ceiling_after],
@@ -132,9 +143,9 @@ def bench_seed(cfg, eval_episodes):
         "total_env_steps": last["env_steps"],
         "total_wall_s": last["wall_s"],
         "final_rolling_return": last["rolling_return"],
-        "steps_to_200": solved["env_steps"] if solved else None,
-        "seconds_to_200": solved["wall_s"] if solved else None,
-        "iterations_to_200": solved["iteration"] if solved else None,
+        "steps_to_target": solved["env_steps"] if solved else None,
+        "seconds_to_target": solved["wall_s"] if solved else None,
+        "iterations_to_target": solved["iteration"] if solved else None,
         "curve": [(row["env_steps"], row["rolling_return"]) for row in history],
     }
     greedy = cli.evaluate_policy(net, theta, cfg.env, eval_episodes, greedy=True)
@@ -151,7 +162,7 @@ def bench_seed(cfg, eval_episodes):
         seconds, branch_steps = restore_cost(cfg)
         cores = os.cpu_count() or 1
         result.update(simulated_steps=simulated,
-                      simulated_steps_to_200=sum(r["trunk_steps"] + r["branch_steps"] for r in upto) if solved else None,
+                      simulated_steps_to_target=sum(r["trunk_steps"] + r["branch_steps"] for r in upto) if solved else None,
                       utilisation=simulated / last["wall_s"] / (ceiling * cores), cores=cores,
                       restore_branch_ms=1e3 * seconds, restore_branch_steps=branch_steps,
                       restore_branch_in_plain_steps=seconds * ceiling)
@@ -168,22 +179,22 @@ def median_of(values):
     return None if np.isinf(m) else m
 
 
-def single_table(results, eval_episodes):
+def single_table(results, eval_episodes, target):
     lines = [
-        "| seed | steps to 200 | seconds to 200 | env steps/s | raw ceiling steps/s | ratio | "
+        f"| seed | steps to {target:g} | seconds to {target:g} | env steps/s | raw ceiling steps/s | ratio | "
         f"greedy eval ({eval_episodes} ep) | sampled eval |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['seed']} | {fmt(r['steps_to_200'], ',d')} | {fmt(r['seconds_to_200'], '.0f')} | "
+            f"| {r['seed']} | {fmt(r['steps_to_target'], ',d')} | {fmt(r['seconds_to_target'], '.0f')} | "
             f"{r['train_steps_per_s']:,.0f} | {r['ceiling_steps_per_s']:,.0f} | {r['ratio_to_ceiling']:.2f} | "
             f"{r['eval_greedy_mean']:.1f} ± {r['eval_greedy_std']:.1f} | "
             f"{r['eval_sampled_mean']:.1f} ± {r['eval_sampled_std']:.1f} |")
-    solved = sum(r["steps_to_200"] is not None for r in results)
+    solved = sum(r["steps_to_target"] is not None for r in results)
     lines.append(
-        f"| **median / mean** | {fmt(median_of([r['steps_to_200'] for r in results]), ',.0f')} "
-        f"({solved}/{len(results)} reached 200) | {fmt(median_of([r['seconds_to_200'] for r in results]), '.0f')} | "
+        f"| **median / mean** | {fmt(median_of([r['steps_to_target'] for r in results]), ',.0f')} "
+        f"({solved}/{len(results)} reached {target:g}) | {fmt(median_of([r['seconds_to_target'] for r in results]), '.0f')} | "
         f"{np.mean([r['train_steps_per_s'] for r in results]):,.0f} | "
         f"{np.mean([r['ceiling_steps_per_s'] for r in results]):,.0f} | "
         f"{np.mean([r['ratio_to_ceiling'] for r in results]):.2f} | "
@@ -192,26 +203,27 @@ def single_table(results, eval_episodes):
     return "\n".join(lines)
 
 
-def vine_table(results, eval_episodes=100):
+def vine_table(results, eval_episodes, target):
     lines = [
-        "| seed | iterations to 200 | trunk steps to 200 | simulated steps to 200 | seconds to 200 | "
+        f"| seed | iterations to {target:g} | trunk steps to {target:g} | simulated steps to {target:g} | "
+        f"seconds to {target:g} | "
         f"utilisation | raw ceiling steps/s | fork restore + branch | greedy eval ({eval_episodes} ep) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['seed']} | {fmt(r['iterations_to_200'], 'd', 'never in ' + str(r['iterations']))} | "
-            f"{fmt(r['steps_to_200'], ',d')} | {fmt(r['simulated_steps_to_200'], ',d')} | "
-            f"{fmt(r['seconds_to_200'], '.0f')} | {r['utilisation']:.2f} | {r['ceiling_steps_per_s']:,.0f} | "
+            f"| {r['seed']} | {fmt(r['iterations_to_target'], 'd', 'never in ' + str(r['iterations']))} | "
+            f"{fmt(r['steps_to_target'], ',d')} | {fmt(r['simulated_steps_to_target'], ',d')} | "
+            f"{fmt(r['seconds_to_target'], '.0f')} | {r['utilisation']:.2f} | {r['ceiling_steps_per_s']:,.0f} | "
             f"{r['restore_branch_ms']:.1f} ms for {r['restore_branch_steps']:.0f} steps "
             f"(= {r['restore_branch_in_plain_steps']:.0f} plain steps) | "
             f"{r['eval_greedy_mean']:.1f} ± {r['eval_greedy_std']:.1f} |")
-    solved = sum(r["iterations_to_200"] is not None for r in results)
+    solved = sum(r["iterations_to_target"] is not None for r in results)
     lines.append(
-        f"| **median** | {fmt(median_of([r['iterations_to_200'] for r in results]), '.0f')} "
-        f"({solved}/{len(results)} reached 200) | {fmt(median_of([r['steps_to_200'] for r in results]), ',.0f')} | "
-        f"{fmt(median_of([r['simulated_steps_to_200'] for r in results]), ',.0f')} | "
-        f"{fmt(median_of([r['seconds_to_200'] for r in results]), '.0f')} | "
+        f"| **median** | {fmt(median_of([r['iterations_to_target'] for r in results]), '.0f')} "
+        f"({solved}/{len(results)} reached {target:g}) | {fmt(median_of([r['steps_to_target'] for r in results]), ',.0f')} | "
+        f"{fmt(median_of([r['simulated_steps_to_target'] for r in results]), ',.0f')} | "
+        f"{fmt(median_of([r['seconds_to_target'] for r in results]), '.0f')} | "
         f"{np.median([r['utilisation'] for r in results]):.2f} | "
         f"{np.median([r['ceiling_steps_per_s'] for r in results]):,.0f} | | "
         f"{np.mean([r['eval_greedy_mean'] for r in results]):.1f} (mean) |")
@@ -239,7 +251,7 @@ def write_text(path, text):
         raise UserError(f"cannot write '{path}': {e.strerror or e}.") from None
 
 
-def plot_curves(results, scheme, paths):
+def plot_curves(results, scheme, env_id, target, paths):
     """Every seed's learning curve in one figure, written to each of paths."""
     import matplotlib
     matplotlib.use("Agg")
@@ -248,9 +260,9 @@ def plot_curves(results, scheme, paths):
     for r in results:
         steps, returns = zip(*r["curve"])
         ax.plot(steps, returns, label=f"seed {r['seed']}")
-    ax.axhline(SOLVED, color="gray", linestyle="--", label="solved (200)")
+    ax.axhline(target, color="gray", linestyle="--", label=f"solved ({target:g})")
     ax.set(ylabel="mean return of last 100 episodes",
-           title=f"TRPO ({T.SCHEME_NAMES[scheme]}) on LunarLander-v3, default settings")
+           title=f"TRPO ({T.SCHEME_NAMES[scheme]}) on {env_id}, default settings")
     run_files.steps_axis(ax)
     if scheme == "vine":
         ax.set_xlabel("environment steps (trunk)")
@@ -305,11 +317,16 @@ def build_parser():
     parser = cli.ArgumentParser(description=__doc__.split("\n")[0],  # bad input: one sentence, exit code 2
                                 formatter_class=cli.HelpFormatter)
     parser.add_argument("--scheme", default="single", choices=["single", "vine"], help="sampling scheme")
+    parser.add_argument("--env", default=DEFAULT_ENV,
+                        help="Gymnasium environment id; files are named <env>-<scheme> for any other than the default")
+    parser.add_argument("--target", type=cli.number(float), default=None,
+                        help="the rolling return that counts as solved (the vine stops there); by default the "
+                             "environment's reward threshold (LunarLander: 200)")
     parser.add_argument("--seeds", type=cli.number(int), nargs="+", default=list(range(10)),
                         help="training seeds, one run each")
     parser.add_argument("--total-steps", type=cli.number(int), default=None,
                         help=f"env steps of each run, when given: for either scheme (the vine counts its trunk's, "
-                             f"and still stops once its rolling return reaches 200) and for --trust-region-demo; "
+                             f"and still stops once its rolling return reaches the target) and for --trust-region-demo; "
                              f"by default {T.Config.total_steps:,} for the single path, at most "
                              f"{T.VINE_ITERATIONS} iterations for the vine, "
                              f"{TRUST_REGION_DEMO['total_steps']:,} for the demo")
@@ -338,11 +355,18 @@ def check_arguments(args):
         raise UserError(f"--eval-episodes must be positive, got {args.eval_episodes}.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a file, not a folder.")
+    if args.target is None:
+        args.target = cli.reward_threshold(args.env)
+        if args.target is None:
+            cli.make_env(args.env).close()  # an unknown id says so first, in one sentence
+            raise UserError(f"{args.env} has no reward threshold; give the return that counts as solved with --target.")
+    elif not np.isfinite(args.target):
+        raise UserError(f"--target must be a finite number, got {args.target}.")
     if args.trust_region_demo:
         configs = [trust_region_config(args.seeds[0], trust_region, args.total_steps)
                    for trust_region, _ in TRUST_REGION_RUNS]
     else:
-        configs = [seed_config(args.scheme, seed, args.total_steps, out="") for seed in args.seeds]
+        configs = [seed_config(args.scheme, seed, args.total_steps, "", args.env, args.target) for seed in args.seeds]
     for cfg in configs:
         cli.validate(cfg)
 
@@ -353,6 +377,8 @@ class Benchmark:
     def __init__(self, args, command):
         self.args, self.command = args, command
         self.folder, self.results, self.seed, self.run_dir, self.published = None, [], None, None, False
+        # the name of its files and folder: the scheme, and the environment unless it is the default one
+        self.name = args.scheme if args.env == DEFAULT_ENV else f"{args.env}-{args.scheme}"
 
     def run(self):
         args = self.args
@@ -365,13 +391,14 @@ class Benchmark:
             trust_region_demo(args.seeds[0], args.total_steps, self.folder, paths)
             print("written: " + " and ".join(paths), file=sys.stderr)
             return
-        self.folder = run_files.new_numbered_folder(os.path.join(args.out, args.scheme))
+        self.folder = run_files.new_numbered_folder(os.path.join(args.out, self.name))
         print(f"benchmark of seeds {' '.join(map(str, args.seeds))}: results in {self.folder}", file=sys.stderr)
         for seed in args.seeds:
             self.seed = seed
             self.run_dir = run_files.new_numbered_folder(os.path.join(self.folder, "runs", f"{args.scheme}-seed{seed}"))
             print(f"seed {seed}: training ...", file=sys.stderr, flush=True)
-            result = bench_seed(seed_config(args.scheme, seed, args.total_steps, self.run_dir), args.eval_episodes)
+            result = bench_seed(seed_config(args.scheme, seed, args.total_steps, self.run_dir, args.env, args.target),
+                                args.eval_episodes, args.target)
             with parallel.signals_held():  # a Ctrl-C now waits until the table and JSON are whole
                 self.results.append(result)
                 self.seed = self.run_dir = None
@@ -382,23 +409,25 @@ class Benchmark:
             with parallel.signals_held():
                 self.write(published_folder(PUBLISHED_RESULTS), published_folder(PUBLISHED_PLOTS))
                 self.published = True
-            print(f"published: {os.path.join(PUBLISHED_RESULTS, args.scheme)}.md and .json, "
-                  f"{os.path.join(PUBLISHED_PLOTS, args.scheme)}_learning_curves.png", file=sys.stderr)
+            print(f"published: {os.path.join(PUBLISHED_RESULTS, self.name)}.md and .json, "
+                  f"{os.path.join(PUBLISHED_PLOTS, self.name)}_learning_curves.png", file=sys.stderr)
         print(table)
 
     def write(self, folder, plots=None):
         """The table (returned; written with the JSON to folder) and the learning curves (to plots, else folder)."""
         args, results = self.args, self.results
-        table = single_table(results, args.eval_episodes) if args.scheme == "single" else vine_table(results, args.eval_episodes)
+        make_table = single_table if args.scheme == "single" else vine_table
+        table = make_table(results, args.eval_episodes, args.target)
         done = [r["seed"] for r in results]
-        write_text(os.path.join(folder, f"{args.scheme}.md"),
+        write_text(os.path.join(folder, f"{self.name}.md"),
                    f"Produced by `{self.command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores"
                    f"{'' if done == list(args.seeds) else f' (seeds finished so far: {done})'}.\n\n{table}\n")
-        config = seed_config(args.scheme, 0, args.total_steps, out="")  # every seed's, but for seed and out
-        write_text(os.path.join(folder, f"{args.scheme}.json"),
+        config = seed_config(args.scheme, 0, args.total_steps, "", args.env, args.target)  # but for seed and out
+        write_text(os.path.join(folder, f"{self.name}.json"),
                    json.dumps({"command": self.command, "config": T.dataclasses.asdict(config),
                                "results": results}, indent=1))
-        plot_curves(results, args.scheme, [os.path.join(plots or folder, f"{args.scheme}_learning_curves.png")])
+        plot_curves(results, args.scheme, args.env, args.target,
+                    [os.path.join(plots or folder, f"{self.name}_learning_curves.png")])
         return table
 
     def kept(self):
@@ -411,7 +440,7 @@ class Benchmark:
             seeds = ", ".join(str(r["seed"]) for r in self.results)
             line = (f"seed{'s' if len(self.results) > 1 else ''} {seeds} finished, "
                     f"{'their' if len(self.results) > 1 else 'its'} results are in "
-                    f"{self.folder} ({args.scheme}.md, {args.scheme}.json, {args.scheme}_learning_curves.png)")
+                    f"{self.folder} ({self.name}.md, {self.name}.json, {self.name}_learning_curves.png)")
         else:
             line = "no seed finished" + (f"; the benchmark's folder is {self.folder}" if self.folder else "")
         if self.run_dir and run_files.holds_a_run(self.run_dir):
@@ -431,12 +460,12 @@ def published_folder(path):
 
 
 def seed_line(r):
-    """One line on stderr when a seed has finished: when it reached 200, or that it did not."""
-    if r["steps_to_200"] is not None:
-        return (f"seed {r['seed']}: reached 200 at {r['steps_to_200']:,} steps, iteration {r['iterations_to_200']}, "
-                f"{r['seconds_to_200']:.0f} s; run in {r['run_dir']}")
+    """One line on stderr when a seed has finished: when it reached the target, or that it did not."""
+    if r["steps_to_target"] is not None:
+        return (f"seed {r['seed']}: reached {r['target']:g} at {r['steps_to_target']:,} steps, iteration {r['iterations_to_target']}, "
+                f"{r['seconds_to_target']:.0f} s; run in {r['run_dir']}")
     final = r["final_rolling_return"]
-    return (f"seed {r['seed']}: did not reach 200 in {r['total_env_steps']:,} steps ({r['iterations']} iteration{'s' if r['iterations'] != 1 else ''}, "
+    return (f"seed {r['seed']}: did not reach {r['target']:g} in {r['total_env_steps']:,} steps ({r['iterations']} iteration{'s' if r['iterations'] != 1 else ''}, "
             f"{r['total_wall_s']:.0f} s; " + ("no episode finished" if np.isnan(final) else
                                               f"rolling mean {final:.1f} at the end") + f"); run in {r['run_dir']}")
 

@@ -5,7 +5,8 @@ than importing it: that file runs as the program (__main__), and an import would
 second copy of it. What is here:
 
 * `build_parser`: the options, generated from trpo_numpy.Config: each field's one line of
-  help, its default, and the vine's default where SCHEME_DEFAULTS gives it another;
+  help, its default, and the vine's and continuous actions' defaults where SCHEME_DEFAULTS and
+  CONTINUOUS_DEFAULTS give it another;
 * `validate`: every value the algorithm cannot run with, refused in one sentence;
 * environments by name (`make_env`, `env_dims`, `reward_threshold`), what a user can get wrong
   said in one sentence;
@@ -69,16 +70,22 @@ def number(kind):
     return convert
 
 
-def vine_default(trpo, name):
-    """' (vine: ...)' where the vine's default of a field differs from Config's, else ''."""
+def scheme_and_action_defaults(trpo, name):
+    """' (vine: ...)' and ' (continuous actions: ...)' where the vine's default of a field, or that of
+    continuous actions (SCHEME_DEFAULTS, CONTINUOUS_DEFAULTS), differs from Config's; else ''."""
+    default, text = getattr(trpo.Config(), name), ""
     vine = trpo.SCHEME_DEFAULTS["vine"]
-    if name in vine and vine[name] != getattr(trpo.Config(), name):
-        return f" (vine: {vine[name]})"
+    if name in vine and vine[name] != default:
+        text += f" (vine: {vine[name]})"
     if name == "total_steps":
-        return f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
+        text += f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
     if name == "stop_return":
-        return " (vine: the environment's reward threshold, 200 for LunarLander)"
-    return ""
+        text += " (vine: the environment's reward threshold, 200 for LunarLander)"
+    for scheme, settings in trpo.CONTINUOUS_DEFAULTS.items():
+        if name in settings and settings[name] != default:
+            where = "continuous actions" + ("" if scheme == "single" or name.startswith("vine_") else f", {scheme}")
+            text += f" ({where}: {settings[name]})"
+    return text
 
 
 def build_parser(trpo, defaults=True):
@@ -91,7 +98,7 @@ def build_parser(trpo, defaults=True):
     training = parser.add_argument_group("training (with the papers' symbols)")
     for f in dataclasses.fields(trpo.Config):
         settings = dict(f.metadata)
-        settings["help"] += vine_default(trpo, f.name)
+        settings["help"] += scheme_and_action_defaults(trpo, f.name)
         default = f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):
             training.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, **settings)

@@ -107,6 +107,24 @@ EXERCISES = [
              """
              return p * u  # diag(p) only: drops - p p^T
              """, "the Fisher information of a categorical in logit space, times a vector"),
+    Exercise("gaussian_kl", "network.py", "gaussian_kl",
+             ["test_gaussian_kl_matches_monte_carlo_and_its_direction_is_old_to_new",
+              "test_gaussian_fisher_is_the_hessian_of_kl_in_mu_and_log_sigma"],
+             """
+             mu_old, log_std_old = gaussian_parts(z_old)
+             mu_new, log_std_new = gaussian_parts(z_new)
+             var_new = np.exp(2 * log_std_new)
+             return (log_std_new - log_std_old + (np.exp(2 * log_std_old) + (mu_old - mu_new) ** 2) / var_new
+                     - 0.5).sum(axis=-1)  # forgets the 2 of 2 sigma_new^2
+             """, "KL divergence between two diagonal Gaussians, in closed form"),
+    Exercise("gaussian_fisher_product", "network.py", "gaussian_fisher_product",
+             ["test_gaussian_fisher_is_the_hessian_of_kl_in_mu_and_log_sigma",
+              "test_gaussian_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
+             """
+             mu_u, log_std_u = gaussian_parts(u)
+             _, log_std = gaussian_parts(z)
+             return np.concatenate([mu_u * np.exp(-2 * log_std), log_std_u], axis=-1)  # 1, not 2, for log sigma
+             """, "the Fisher information of a diagonal Gaussian in (mu, log sigma), times a vector"),
     Exercise("gae", "trpo_numpy.py", "gae",
              ["test_gae_on_a_hand_computed_trajectory", "test_gae_matches_a_plain_loop_and_lambda_one_is_monte_carlo"],
              """
@@ -133,20 +151,20 @@ EXERCISES = [
              """, "Monte-Carlo discounted return-to-go, bootstrapped where the episode goes on"),
     Exercise("surrogate", "trpo_numpy.py", "surrogate",
              ["test_surrogate_gradient_matches_finite_differences",
+              "test_gaussian_surrogate_gradient_matches_finite_differences",
               "test_trpo_step_stays_in_the_trust_region_and_improves"],
              """
              N = len(actions)
-             ratio = np.exp(log_prob(logits, actions) - logp_old)
-             grad = -softmax(logits)
-             grad[np.arange(N), actions] += 1.0
-             grad *= (advantages / N)[:, None]  # forgets the ratio: right only at theta_old
+             ratio = np.exp(dist.log_prob(logits, actions) - logp_old)
+             grad = dist.log_prob_grad(logits, actions) * (advantages / N)[:, None]  # forgets the ratio
              return np.mean(ratio * advantages), grad
              """, "the single-path surrogate of Eq. (14) and its gradient in the logits"),
     Exercise("fisher_vector_product", "trpo_numpy.py", "fisher_vector_product",
-             ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
+             ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian",
+              "test_gaussian_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
              """
              u = net.jvp(theta, cache, v)
-             w = categorical_fisher_product(probs, u)
+             w = net.distribution.fisher_product(logits, u)
              return net.backward(theta, cache, w) + damping * v  # forgets the mean's 1/N
              """, "(F + damping I) v from a JVP, the logit-space Fisher and a backward pass"),
     Exercise("conjugate_gradient", "trpo_numpy.py", "conjugate_gradient",
@@ -189,17 +207,16 @@ EXERCISES = [
              """, "the vine's all-actions surrogate of Eq. (15) and its gradient"),
     Exercise("importance_sampled_surrogate", "trpo_numpy.py", "importance_sampled_surrogate",
              ["test_importance_sampled_gradient_matches_finite_differences",
-              "test_importance_sampling_estimator_matches_the_all_actions_value"],
+              "test_importance_sampling_estimator_matches_the_all_actions_value",
+              "test_gaussian_importance_sampled_surrogate_gradient_and_value_at_theta_old"],
              """
-             N = len(actions)
-             p = softmax(logits)
-             w = np.exp(np.take_along_axis(log_softmax(logits), actions, axis=1))  # forgets 1 / q
+             N, K = Q.shape
+             z, a = each_drawn(logits, actions)
+             w = np.exp(dist.log_prob(z, a)).reshape(N, K)  # forgets 1 / q
              W = w.sum(axis=1, keepdims=True)
              L_n = (w * Q).sum(axis=1, keepdims=True) / W
              c = w / W * (Q - L_n)
-             grad = np.zeros_like(logits)
-             np.add.at(grad, (np.arange(N)[:, None], actions), c)
-             grad -= c.sum(axis=1, keepdims=True) * p
+             grad = (c.reshape(N * K, 1) * dist.log_prob_grad(z, a)).reshape(N, K, -1).sum(axis=1)
              return float(L_n.mean()), grad / N
              """, "the vine's self-normalised importance-sampling surrogate of Eq. (16)"),
 ]
@@ -234,8 +251,8 @@ MUTANTS = [
            ["test_monte_carlo_returns_on_a_hand_computed_trajectory"],
            "the return-to-go of a truncated episode bootstraps with the next episode's return"),
     # The surrogates: Eq. (14), (15), (16)
-    Mutant("trpo_numpy.py", "ratio = np.exp(log_prob(logits, actions) - logp_old)",
-           "ratio = np.exp(logp_old - log_prob(logits, actions))",
+    Mutant("trpo_numpy.py", "ratio = np.exp(dist.log_prob(logits, actions) - logp_old)",
+           "ratio = np.exp(logp_old - dist.log_prob(logits, actions))",
            ["test_surrogate_gradient_matches_finite_differences"],
            "Eq. (14)'s ratio upside down: pi_old / pi_theta"),
     Mutant("trpo_numpy.py", "return float(V.mean()), p * (Q - V) / len(Q)", "return float(V.mean()), p * (Q - V)",
@@ -244,17 +261,17 @@ MUTANTS = [
     Mutant("trpo_numpy.py", "c = w / W * (Q - L_n)", "c = w / W * Q",
            ["test_importance_sampled_gradient_matches_finite_differences"],
            "Eq. (16)'s gradient forgets the self-normalisation's baseline L_n"),
-    Mutant("trpo_numpy.py", "q_drawn[t, e] = softmax(q_logits[None])[0, actions]",
-           "q_drawn[t, e] = softmax(self.logits[e][None])[0, actions]",
+    Mutant("trpo_numpy.py", "q_drawn[t, e] = np.exp(dist.log_prob(q_logits, actions))",
+           "q_drawn[t, e] = np.exp(dist.log_prob(np.tile(self.logits[e], (K, 1)), actions))",
            ["test_the_sampled_vine_surrogate_weights_each_branch_by_pi_theta_over_q"],
            "Eq. (16) weights by pi_theta / pi_old when the actions were drawn uniformly (issue 16, bug 6)"),
-    Mutant("trpo_numpy.py", 'w = np.take_along_axis(p_old, action_sets, axis=1) / batch["proposal"]',
-           "w = np.take_along_axis(p_old, action_sets, axis=1)",
+    Mutant("trpo_numpy.py", 'w = np.exp(dist.log_prob(z_old, a)).reshape(Q.shape) / batch["proposal"]',
+           "w = np.exp(dist.log_prob(z_old, a)).reshape(Q.shape)",
            ["test_vine_value_targets_are_the_surrogate_at_theta_old"],
            "the vine's value targets forget to divide by q"),
     # The mean KL of Eq. (12)
-    Mutant("trpo_numpy.py", "return np.mean(kl(logits_old, logits_new))",
-           "return np.mean(kl(logits_new, logits_old))",
+    Mutant("trpo_numpy.py", "return np.mean(dist.kl(logits_old, logits_new))",
+           "return np.mean(dist.kl(logits_new, logits_old))",
            ["test_mean_kl_is_the_mean_over_states_of_kl_from_old_to_new"],
            "mean_kl is KL(new || old) (issue 16, bug 1)"),
     # The Fisher-vector product (Appendix C.1)
@@ -262,15 +279,15 @@ MUTANTS = [
            ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
            "the logit-space Fisher sums p . u over the whole batch, not per state"),
     Mutant("trpo_numpy.py",
-           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_probs, v, cfg.damping)",
-           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_probs, v, cfg.damping) + cfg.damping * v",
+           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping)",
+           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping) + cfg.damping * v",
            ["test_trpo_step_is_the_natural_gradient_step_of_an_explicit_fisher"],
            "trpo_step's Fisher-vector product adds the damping a second time (issue 16, bug 2)"),
     Mutant("trpo_numpy.py",
            "fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]\n"
-           "    fisher_probs = probs_old[::cfg.fisher_subsample]",
+           "    fisher_logits = logits_old[::cfg.fisher_subsample]",
            "fisher_cache = [np.ascontiguousarray(h[:len(h) // cfg.fisher_subsample]) for h in cache]\n"
-           "    fisher_probs = probs_old[:len(probs_old) // cfg.fisher_subsample]",
+           "    fisher_logits = logits_old[:len(logits_old) // cfg.fisher_subsample]",
            ["test_fisher_subsample_uses_every_kth_state"],
            "the Fisher subsample takes the first N/k rows of the batch, not every k-th"),
     # Conjugate gradient
@@ -317,18 +334,17 @@ MUTANTS = [
            ["test_vine_sampler_fork_and_replay_give_the_same_q"],
            "a new episode keeps the last one's actions for replay"),
     Mutant("trpo_numpy.py",
-           "self.envs[e], a, net, theta, uniforms[row[t, e]], gamma, value_fn, lam))\n"
+           "self.envs[e], a, net, theta, noise[row[t, e]], gamma, value_fn, lam))\n"
            "                else:\n"
            "                    env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])\n"
-           "                    results[(t, e, a)] = branch_rollout(env, a, net, theta, uniforms[row[t, e]], gamma, "
-           "value_fn,",
-           "self.envs[e], a, net, theta, np.roll(uniforms[row[t, e]], a), gamma, value_fn, lam))\n"
+           "                    results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, noise[row[t, e]], gamma,",
+           "self.envs[e], a, net, theta, np.roll(noise[row[t, e]], k), gamma, value_fn, lam))\n"
            "                else:\n"
            "                    env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])\n"
-           "                    results[(t, e, a)] = branch_rollout(env, a, net, theta, "
-           "np.roll(uniforms[row[t, e]], a), gamma, value_fn,",
+           "                    results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, "
+           "np.roll(noise[row[t, e]], k), gamma,",
            ["test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms"],
-           "each branch reads its state's uniforms rotated by its action: no common random numbers (issue 16, "
+           "each branch reads its state's random numbers rotated by its place in the action set: no common random numbers (issue 16, "
            "bug 5)"),
     Mutant("trpo_numpy.py", "if terminated:", "if terminated or truncated:",
            ["test_a_branch_cut_by_the_time_limit_bootstraps_with_v_where_it_was_cut"],

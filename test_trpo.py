@@ -4,7 +4,9 @@ In the order a student reads the TRPO paper (Schulman et al., arXiv:1502.05477) 
 network's derivatives and the categorical distribution's maths, Adam, sampling (Sec. 5.1), advantages
 (GAE paper, arXiv:1506.02438, Eq. 16), the surrogate of Eq. (14) and the mean KL constraint of Eq. (12),
 the step of Appendix C, the value function, the diagnostics of Theorem 1, the entropy bonus, the vine
-(Sec. 5.2), and short end-to-end learning checks. Each test's docstring says what it checks and against
+(Sec. 5.2), and short end-to-end learning checks. Continuous actions (the diagonal Gaussian policy) have two
+sections: its maths and Fisher after the Fisher-vector product, its surrogates, sampling and step before the
+end-to-end checks. Each test's docstring says what it checks and against
 what.
 
 References used here: central finite differences (network.numerical_gradient), explicit matrices built
@@ -25,10 +27,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+import cli
 import parallel
 import trpo_numpy as T
-from network import (MLP, Adam, categorical_fisher_product, entropy, kl, log_prob, log_softmax,
-                     numerical_gradient, relative_error, sample, softmax)
+from network import (MLP, Adam, DiagonalGaussian, GaussianPolicy, categorical_fisher_product, entropy,
+                     gaussian_entropy, gaussian_fisher_product, gaussian_kl, gaussian_log_prob,
+                     gaussian_log_prob_grad, gaussian_sample, kl, log_prob, log_softmax, numerical_gradient,
+                     policy_network, relative_error, sample, softmax)
 
 
 # ----------------------------------------------------------------------------
@@ -407,6 +412,208 @@ def test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian(small_net, 
         Fv = T.fisher_vector_product(net, theta, cache, logits_old, v, damping)
         assert relative_error(Fv, F @ v + damping * v) < 1e-7
         assert relative_error(Fv, hessian @ v + damping * v) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# Continuous actions: the diagonal Gaussian, 1: its maths in z = [mu, log sigma] (log-density, entropy, KL
+# and its direction, the Fisher), and the GaussianPolicy's derivatives and Fisher-vector product
+# ----------------------------------------------------------------------------
+
+@pytest.fixture
+def gaussian_net(rng):
+    """A GaussianPolicy with two hidden layers (every path of backward and jvp) and d = 2 actions, with
+    log sigma = (-0.4, 0.3): two unequal standard deviations, neither 1, so that a sigma or a log sigma put
+    in the wrong place shows."""
+    net = GaussianPolicy([3, 5, 4, 2])
+    theta = net.init(rng, output_gain=0.5) + 0.1 * rng.standard_normal(net.num_params)
+    theta[net.mean_params:] = [-0.4, 0.3]
+    x = rng.standard_normal((6, 3))
+    return net, theta, x
+
+
+def gaussian_policy_batch(net, theta, rng, n=50):
+    """random_policy_batch for a GaussianPolicy: states, actions a = mu + sigma n drawn from pi_old,
+    log pi_old(a|s), advantages."""
+    states = rng.standard_normal((n, net.sizes[0]))
+    z = net.forward(theta, states)[0]
+    actions = gaussian_sample(z, rng.standard_normal((n, net.sizes[-1])))
+    return states, actions, gaussian_log_prob(z, actions), rng.standard_normal(n)
+
+
+def test_gaussian_log_prob_is_the_log_of_a_product_of_normal_densities(rng):
+    """The log-density of the Gaussian policy of TRPO Sec. 8.1 (a diagonal Gaussian): gaussian_log_prob(z, a)
+    with z = [mu, log sigma] equals log prod_j exp(-(a_j - mu_j)^2 / (2 sigma_j^2)) / (sigma_j sqrt(2 pi)),
+    the 1-D normal densities written out by hand, to 1e-12, for 5 rows of d = 3 with a sigma per row and
+    dimension; and gaussian_sample(z, n) is mu + sigma n."""
+    mu, sigma = rng.standard_normal((5, 3)), np.exp(rng.uniform(-1.0, 1.0, size=(5, 3)))
+    a = mu + 2 * rng.standard_normal((5, 3))
+    z = np.concatenate([mu, np.log(sigma)], axis=1)
+    densities = np.exp(-(a - mu) ** 2 / (2 * sigma ** 2)) / (sigma * np.sqrt(2 * np.pi))
+    assert np.allclose(gaussian_log_prob(z, a), np.log(np.prod(densities, axis=1)), rtol=1e-12, atol=0)
+    normals = rng.standard_normal((5, 3))
+    assert np.allclose(gaussian_sample(z, normals), mu + sigma * normals, rtol=1e-14)
+
+
+def test_gaussian_entropy_matches_monte_carlo_and_the_one_dimensional_closed_form(rng):
+    """The Gaussian policy's entropy (the value the entropy bonus and the log report): for d = 1 it is the
+    closed form 1/2 log(2 pi e sigma^2), to 1e-12, for five sigmas, and whatever mu; for d = 3 it is the sum
+    of the three 1-D ones, and -mean log p over 200,000 draws (a Monte-Carlo estimate whose standard
+    deviation per draw is sqrt(d / 2): standard error 0.003) is within 4 standard errors of it."""
+    for sigma in (0.05, 0.5, 1.0, 2.0, 30.0):
+        for mu in (0.0, -7.0):
+            assert np.isclose(gaussian_entropy(np.array([[mu, np.log(sigma)]]))[0],
+                              0.5 * np.log(2 * np.pi * np.e * sigma ** 2), rtol=1e-12, atol=1e-14)
+    mu, sigma = np.array([0.3, -1.0, 2.0]), np.array([0.5, 1.5, 3.0])
+    z = np.concatenate([mu, np.log(sigma)])[None]
+    H = gaussian_entropy(z)[0]
+    assert np.isclose(H, np.sum(0.5 * np.log(2 * np.pi * np.e * sigma ** 2)), rtol=1e-12)
+    n = 200_000
+    a = gaussian_sample(np.repeat(z, n, axis=0), rng.standard_normal((n, 3)))
+    minus_logp = -gaussian_log_prob(np.repeat(z, n, axis=0), a)
+    assert abs(minus_logp.mean() - H) < 4 * minus_logp.std() / np.sqrt(n)
+
+
+def test_gaussian_kl_matches_monte_carlo_and_its_direction_is_old_to_new(rng):
+    """gaussian_kl(z_old, z_new) is KL(pi_old || pi_new), the direction of the constraint of TRPO Eq. (12):
+    it is exactly 0 (below 1e-15) for identical z and positive for 20 random pairs; for N(0, 1) against
+    N(0.5, 2^2) it is log 2 + (1 + 0.25) / 8 - 1/2 worked out by hand, and the reversed KL (0.93 against
+    0.35) is not; and for a pair of 2-D Gaussians with asymmetric sigmas it matches the Monte-Carlo
+    estimate E_old[log p_old(a) - log p_new(a)] over 200,000 draws from pi_old within 4 standard errors,
+    while the reversed KL misses it by more than 20 times that bound."""
+    z = rng.standard_normal((20, 4))
+    assert np.all(np.abs(gaussian_kl(z, z)) < 1e-15)
+    assert np.all(gaussian_kl(z, rng.standard_normal((20, 4))) > 0)
+    z_old, z_new = np.array([[0.0, 0.0]]), np.array([[0.5, np.log(2.0)]])
+    by_hand = np.log(2.0) + (1.0 + 0.5 ** 2) / (2 * 4.0) - 0.5
+    assert np.isclose(gaussian_kl(z_old, z_new)[0], by_hand, rtol=1e-12)
+    assert not np.isclose(gaussian_kl(z_new, z_old)[0], by_hand, rtol=0.1)
+    # 2-D, sigma_old = (0.5, 2), sigma_new = (2, 0.7): KL(old || new) = 4.15, KL(new || old) = 7.52
+    z_old = np.array([[0.2, -0.3, np.log(0.5), np.log(2.0)]])
+    z_new = np.array([[-0.4, 0.5, np.log(2.0), np.log(0.7)]])
+    n = 200_000
+    a = gaussian_sample(np.repeat(z_old, n, axis=0), rng.standard_normal((n, 2)))  # drawn from pi_old
+    log_ratio = gaussian_log_prob(np.repeat(z_old, n, axis=0), a) - gaussian_log_prob(np.repeat(z_new, n, axis=0), a)
+    bound = 4 * log_ratio.std() / np.sqrt(n)
+    assert abs(log_ratio.mean() - gaussian_kl(z_old, z_new)[0]) < bound
+    assert abs(log_ratio.mean() - gaussian_kl(z_new, z_old)[0]) > 20 * bound
+
+
+def test_gaussian_log_prob_grad_matches_finite_differences(rng):
+    """The score of the Gaussian, d log pi(a|s) / dz in z = [mu, log sigma] (the factor of every gradient of
+    Eq. 14 and Eq. 16 with continuous actions): gaussian_log_prob_grad equals central finite differences of
+    gaussian_log_prob in z, row by row (each row's log-density depends on its own z only), to a relative
+    error below 1e-7, for 4 rows of d = 3 with actions up to 3 sigma away."""
+    z = np.concatenate([rng.standard_normal((4, 3)), rng.uniform(-1.0, 1.0, size=(4, 3))], axis=1)
+    a = gaussian_sample(z, rng.uniform(-3.0, 3.0, size=(4, 3)))
+    numeric = numerical_gradient(lambda zf: gaussian_log_prob(zf.reshape(z.shape), a).sum(), z.ravel())
+    assert relative_error(gaussian_log_prob_grad(z, a), numeric.reshape(z.shape)) < 1e-7
+
+
+def test_gaussian_fisher_is_the_hessian_of_kl_in_mu_and_log_sigma(rng):
+    """TRPO Appendix C.1 for a Gaussian: in z = [mu, log sigma] the Hessian of z -> KL(pi_z_old || pi_z) at
+    z_old, by second-order central finite differences, is diag(1 / sigma^2, 2) (to a relative 1e-6, for
+    sigma = (e^-0.5, e^0.7): 2.72 and 0.25 on the means), and gaussian_fisher_product multiplies each row of
+    u by its own row's diagonal, to 1e-13."""
+    log_sigma = np.array([-0.5, 0.7])
+    z_old = np.concatenate([[0.3, -1.2], log_sigma])
+    hessian = numerical_gradient(
+        lambda z: numerical_gradient(lambda z2: gaussian_kl(z_old[None], z2[None])[0], z, eps=1e-4), z_old, eps=1e-4)
+    M = np.diag(np.concatenate([np.exp(-2 * log_sigma), [2.0, 2.0]]))
+    assert relative_error(hessian, M) < 1e-6
+    z = np.concatenate([rng.standard_normal((3, 2)), rng.uniform(-1.0, 1.0, size=(3, 2))], axis=1)
+    u = rng.standard_normal((3, 4))
+    by_rows = [np.diag(np.concatenate([np.exp(-2 * row[2:]), [2.0, 2.0]])) @ u_row for row, u_row in zip(z, u)]
+    assert np.allclose(gaussian_fisher_product(z, u), by_rows, rtol=1e-13, atol=0)
+
+
+def test_gaussian_policy_forward_is_the_mlp_mean_and_log_sigma_in_every_row(gaussian_net):
+    """The policy of TRPO Sec. 8.1 (a network for the mean, log sigma a parameter of its own):
+    GaussianPolicy.forward gives z = [mu, log sigma] of shape (N, 2d), mu the MLP written out by hand,
+    tanh(tanh(x W1 + b1) W2 + b2) W3 + b3, to 1e-14, and log sigma the last d entries of theta in every row;
+    policy_network picks it for continuous actions, the categorical MLP otherwise."""
+    net, theta, x = gaussian_net
+    (W1, b1), (W2, b2), (W3, b3) = net.unflatten(theta)
+    z, cache = net.forward(theta, x)
+    assert z.shape == (len(x), 4) and net.num_params == net.mean_params + 2
+    assert np.allclose(z[:, :2], np.tanh(np.tanh(x @ W1 + b1) @ W2 + b2) @ W3 + b3, rtol=1e-14, atol=1e-14)
+    assert np.array_equal(z[:, 2:], np.tile([-0.4, 0.3], (len(x), 1)))
+    assert net.distribution is DiagonalGaussian and len(cache) == 3 and cache[0] is x
+    assert type(policy_network([3, 8, 2], True)) is GaussianPolicy and type(policy_network([3, 8, 2], False)) is MLP
+
+
+def test_gaussian_policy_backward_and_jvp_match_finite_differences(gaussian_net, rng):
+    """GaussianPolicy.backward (J^T g, the gradient step of every surrogate) and jvp (J v, the first pass of
+    the Fisher-vector product of TRPO Appendix C.1), with J = dz/dtheta for z = [mu, log sigma], equal the
+    finite-difference Jacobian contracted with g and with v, to a relative error below 1e-6, the log sigma
+    block included; and the two are adjoint, <J v, g> = <v, J^T g>, to 1e-12."""
+    net, theta, x = gaussian_net
+    g, v = rng.standard_normal((len(x), 4)), rng.standard_normal(net.num_params)
+    _, cache = net.forward(theta, x)
+    jacobian = numerical_gradient(lambda th: net.forward(th, x)[0], theta)  # (P, N, 2d)
+    assert relative_error(net.backward(theta, cache, g), np.einsum("pnk,nk->p", jacobian, g)) < 1e-6
+    Jv = net.jvp(theta, cache, v)
+    assert Jv.shape == (len(x), 4)
+    assert relative_error(Jv, np.einsum("pnk,p->nk", jacobian, v)) < 1e-6
+    assert np.isclose(np.sum(Jv * g), v @ net.backward(theta, cache, g), rtol=1e-12)
+
+
+def explicit_gaussian_fisher(net, theta, x):
+    """F = mean_i J_i^T M J_i, M = diag(1 / sigma^2, 2) in (mu, log sigma), each J_i from finite differences."""
+    jacobian = numerical_gradient(lambda th: net.forward(th, x)[0], theta)  # (P, N, 2d)
+    log_sigma = theta[net.mean_params:]
+    M = np.diag(np.concatenate([np.exp(-2 * log_sigma), np.full(len(log_sigma), 2.0)]))
+    return sum(jacobian[:, i, :] @ M @ jacobian[:, i, :].T for i in range(len(x))) / len(x)
+
+
+def test_gaussian_fisher_vector_product_equals_explicit_fisher_and_kl_hessian(gaussian_net, rng):
+    """TRPO Appendix C.1 for a GaussianPolicy: T.fisher_vector_product (jvp, the Gaussian's Fisher in z,
+    backward) equals (F + damping I) v for F = mean_i J_i^T diag(1/sigma^2, 2) J_i built as an explicit matrix
+    from finite-difference Jacobians of z = [mu, log sigma], to 1e-7, and (H + damping I) v for H the Hessian
+    of theta -> KLbar(theta_old, theta) (T.mean_kl with DiagonalGaussian) at theta_old by second-order finite
+    differences, to 1e-5; F and H also agree."""
+    net, theta, x = gaussian_net
+    z_old, cache = net.forward(theta, x)
+    F = explicit_gaussian_fisher(net, theta, x)
+    hessian = numerical_gradient(
+        lambda th: numerical_gradient(lambda th2: T.mean_kl(z_old, net.forward(th2, x)[0], DiagonalGaussian),
+                                      th, eps=1e-4),
+        theta, eps=1e-4)
+    assert relative_error(F, hessian) < 1e-5
+    damping = 0.1
+    for _ in range(3):
+        v = rng.standard_normal(net.num_params)
+        Fv = T.fisher_vector_product(net, theta, cache, z_old, v, damping)
+        assert relative_error(Fv, F @ v + damping * v) < 1e-7
+        assert relative_error(Fv, hessian @ v + damping * v) < 1e-5
+
+
+def test_gaussian_fisher_of_log_sigma_is_2_identity_and_uncoupled_from_the_mean(gaussian_net, rng):
+    """TRPO Appendix C.1 for a GaussianPolicy, the log sigma columns of the Fisher: the Hessian of theta ->
+    KLbar(theta_old, theta) at theta_old, by second-order finite differences in log sigma, has the block 2 I
+    on log sigma and 0 between the mean's parameters and log sigma (to 1e-6), whatever sigma is. So for v
+    with only log sigma entries T.fisher_vector_product (damping 0) gives exactly 0 on the mean's parameters
+    and 2 v_log_sigma (to 1e-14) on log sigma."""
+    net, theta, x = gaussian_net
+    z_old, cache = net.forward(theta, x)
+    P = net.mean_params
+
+    def with_log_sigma(th, log_sigma):
+        th = th.copy()
+        th[P:] = log_sigma
+        return th
+    # column j of the Hessian for each log sigma_j: d/dtheta of d KLbar / d log sigma_j
+    columns = numerical_gradient(
+        lambda th: numerical_gradient(
+            lambda ls: T.mean_kl(z_old, net.forward(with_log_sigma(th, ls), x)[0], DiagonalGaussian),
+            th[P:], eps=1e-4),
+        theta, eps=1e-4)  # (num_params, d)
+    assert np.allclose(columns[P:], 2 * np.eye(2), rtol=0, atol=1e-6)
+    assert np.allclose(columns[:P], 0.0, rtol=0, atol=1e-6)
+    v = np.zeros(net.num_params)
+    v[P:] = rng.standard_normal(2)
+    Fv = T.fisher_vector_product(net, theta, cache, z_old, v, 0.0)
+    assert np.all(Fv[:P] == 0.0)
+    assert np.allclose(Fv[P:], 2 * v[P:], rtol=1e-14, atol=0)
 
 
 # ----------------------------------------------------------------------------
@@ -1102,6 +1309,195 @@ def test_vine_value_targets_are_the_surrogate_at_theta_old(rng):
     _, surrogate_of_logits, values = T.vine_problem(batch)
     assert np.allclose(values, Q_drawn.mean(axis=1), rtol=1e-12)
     assert np.isclose(values.mean(), surrogate_of_logits(logits)[0], rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Continuous actions: the diagonal Gaussian, 2: the surrogates of Eq. (14) and Eq. (16) and the entropy
+# bonus, a Pendulum batch (clipped actions, truncation, GAE), the step, and cli.act
+# ----------------------------------------------------------------------------
+
+def test_gaussian_surrogate_gradient_matches_finite_differences(gaussian_net, rng):
+    """TRPO Eq. (14) with continuous actions (dist=DiagonalGaussian, q = pi_old, advantages in place of Q):
+    the analytic gradient, dL/dz backpropagated through the GaussianPolicy, matches finite differences of
+    theta -> surrogate(forward(theta)) to a relative 1e-6, both at theta_old (ratio 1) and at a perturbed
+    theta, the log sigma entries included (ratios != 1: checked to be 10% or more away from 1); at theta_old L
+    equals the mean advantage."""
+    net, theta, _ = gaussian_net
+    states, actions, logp_old, advantages = gaussian_policy_batch(net, theta, rng)
+    perturbed = theta + 0.05 * rng.standard_normal(net.num_params)
+    ratio = np.exp(gaussian_log_prob(net.forward(perturbed, states)[0], actions) - logp_old)
+    assert np.max(np.abs(ratio - 1)) > 0.1  # the perturbed point is really away from theta_old
+    for point in (theta, perturbed):
+        z, cache = net.forward(point, states)
+        L, dL_dz = T.surrogate(z, actions, logp_old, advantages, DiagonalGaussian)
+        analytic = net.backward(point, cache, dL_dz)
+        numeric = numerical_gradient(
+            lambda th: T.surrogate(net.forward(th, states)[0], actions, logp_old, advantages, DiagonalGaussian)[0],
+            point)
+        assert relative_error(analytic, numeric) < 1e-6
+    assert np.isclose(T.surrogate(net.forward(theta, states)[0], actions, logp_old, advantages, DiagonalGaussian)[0],
+                      advantages.mean(), rtol=1e-12)
+
+
+def test_gaussian_entropy_bonus_gradient_matches_finite_differences(gaussian_net, rng):
+    """The entropy bonus (an addition, not in the TRPO paper) with DiagonalGaussian: its value is the mean of
+    gaussian_entropy, and its gradient in z, backpropagated through the GaussianPolicy, matches finite
+    differences (to 1e-6): 0 on the mean's parameters, 1 on each log sigma."""
+    net, theta, _ = gaussian_net
+    states = rng.standard_normal((6, 3))
+    z, cache = net.forward(theta, states)
+    H, dH = T.entropy_bonus(z, DiagonalGaussian)
+    assert np.isclose(H, gaussian_entropy(z).mean(), rtol=1e-12)
+    numeric = numerical_gradient(lambda th: T.entropy_bonus(net.forward(th, states)[0], DiagonalGaussian)[0], theta)
+    assert relative_error(net.backward(theta, cache, dH), numeric) < 1e-6
+    assert np.allclose(numeric[net.mean_params:], 1.0, rtol=1e-6)
+
+
+def test_gaussian_importance_sampled_surrogate_gradient_and_value_at_theta_old(gaussian_net, rng):
+    """TRPO Eq. (16) with continuous actions: K = 4 actions of d = 2 per state, shape (N, K, d), drawn from
+    pi_old, with proposal q their densities under pi_old. At theta_old every weight pi_theta / q is 1, so L
+    is the mean of Q (to 1e-12); the analytic gradient matches finite differences (to 1e-6) at theta_old and
+    at a perturbed theta, where the weights differ from 1."""
+    net, theta, _ = gaussian_net
+    N, K = 5, 4
+    states = rng.standard_normal((N, 3))
+    z_old = net.forward(theta, states)[0]
+    actions = gaussian_sample(np.repeat(z_old, K, axis=0), rng.standard_normal((N * K, 2))).reshape(N, K, 2)
+    proposal = np.exp(gaussian_log_prob(np.repeat(z_old, K, axis=0), actions.reshape(N * K, 2))).reshape(N, K)
+    Q = rng.standard_normal((N, K)) * 10
+    assert np.isclose(T.importance_sampled_surrogate(z_old, actions, proposal, Q, DiagonalGaussian)[0], Q.mean(),
+                      rtol=1e-12)
+    for point in (theta, theta + 0.05 * rng.standard_normal(net.num_params)):
+        z, cache = net.forward(point, states)
+        analytic = net.backward(point, cache,
+                                T.importance_sampled_surrogate(z, actions, proposal, Q, DiagonalGaussian)[1])
+        numeric = numerical_gradient(lambda th: T.importance_sampled_surrogate(
+            net.forward(th, states)[0], actions, proposal, Q, DiagonalGaussian)[0], point)
+        assert relative_error(analytic, numeric) < 1e-6
+
+
+def test_pendulum_batch_truncates_every_200_steps_and_gae_bootstraps_with_the_final_observation(rng):
+    """TRPO Sec. 5.1 single-path sampling with continuous actions, and GAE paper Eq. (16) at a time limit:
+    a GaussianPolicy (network.policy_network([3, 8, 1], True)) runs 2 Pendulum-v1 environments for 450
+    steps. The actions are floats of shape (T, E, 1); truncated is True exactly at steps 199 and 399 of each
+    environment (Pendulum's 200-step limit) and terminated never; next_obs is obs[t + 1] inside an episode
+    and, at a truncation, the true final observation: a fresh Pendulum reset with the same seed and stepped
+    through the first 200 actions clipped to +-2 gives the batch's observations, rewards and that final
+    observation, bit for bit. T.gae on the batch, with V a fixed linear function of the observation, equals a
+    plain per-episode loop summing (gamma lambda)^l delta that bootstraps with V(final observation) at each
+    truncation and at the batch's end (to 1e-10); V there is far from 0, so treating the cut as a
+    termination would be caught."""
+    net = policy_network([3, 8, 1], True)
+    theta = net.init(rng)
+    steps, env_seeds = 450, [5, 6]
+    sampler = T.single_path_sampler("Pendulum-v1", env_seeds, [7, 8])
+    try:
+        batch = sampler.sample(net, theta, steps)
+    finally:
+        sampler.close()
+    assert batch["actions"].shape == (steps, 2, 1) and np.issubdtype(batch["actions"].dtype, np.floating)
+    expected_truncated = np.zeros((steps, 2), dtype=bool)
+    expected_truncated[[199, 399]] = True
+    assert np.array_equal(batch["truncated"], expected_truncated) and not batch["terminated"].any()
+    for e in range(2):
+        for t in range(steps - 1):
+            same = np.array_equal(batch["next_obs"][t, e], batch["obs"][t + 1, e])
+            assert same != expected_truncated[t, e], (t, e)  # at a truncation: not the next episode's reset
+        env = gym.make("Pendulum-v1")  # the first episode again, the actions clipped by hand
+        obs, _ = env.reset(seed=env_seeds[e])
+        for t in range(200):
+            assert np.array_equal(batch["obs"][t, e], obs)
+            obs, reward, _, truncated, _ = env.step(np.clip(batch["actions"][t, e], -2.0, 2.0))
+            assert reward == batch["rewards"][t, e]
+        assert truncated and np.array_equal(batch["next_obs"][199, e], obs)  # the final observation, kept
+        env.close()
+    w, c, gamma, lam = np.array([0.5, -1.0, 0.2]), 10.0, 0.99, 0.95
+
+    def V(s):
+        return s @ w + c  # at least 10 - 0.5 - 1 - 1.6: far from 0
+    got = T.gae(batch["rewards"], V(batch["obs"]), V(batch["next_obs"]), batch["terminated"], batch["truncated"],
+                gamma, lam)
+    for e in range(2):
+        for start, end in [(0, 200), (200, 400), (400, steps)]:  # two truncated episodes, one cut by the batch
+            # the episode's states, and after its last step the final observation to bootstrap from
+            values = V(np.concatenate([batch["obs"][start:end, e], batch["next_obs"][end - 1, e][None]]))
+            rewards = batch["rewards"][start:end, e]
+            for t in range(end - start):
+                total = sum((gamma * lam) ** (k - t) * (rewards[k] + gamma * values[k + 1] - values[k])
+                            for k in range(t, end - start))
+                assert np.isclose(got[start + t, e], total, rtol=1e-10, atol=1e-10), (start + t, e)
+        assert abs(gamma * V(batch["next_obs"][199, e])) > 5.0  # what a terminal bootstrap of 0 would lose
+
+
+def test_pendulum_takes_the_sampled_action_clipped_to_its_bounds(rng):
+    """Continuous actions at the environment (cli.make_env, through T.single_path_sampler): with sigma = 4 a
+    Gaussian policy's samples often leave Pendulum's torque bounds +-2. The batch records the action as
+    sampled, mu + sigma n with n the environment's own stream of standard normals (to 1e-12), some of them
+    beyond +-2, while the Pendulum underneath (a spy on its step) receives exactly np.clip(action, -2, 2) at
+    every step. (Pendulum also clips inside its step, so rewards cannot tell; the spy can.)"""
+    net = policy_network([3, 8, 1], True)
+    theta = net.init(rng)
+    theta[net.mean_params:] = np.log(4.0)
+    steps = 30
+    sampler = T.single_path_sampler("Pendulum-v1", [3], [4])
+    pendulum = sampler.envs[0].unwrapped
+    received, pendulum_step = [], pendulum.step
+    pendulum.step = lambda action: received.append(np.array(action, dtype=np.float64)) or pendulum_step(action)
+    try:
+        batch = sampler.sample(net, theta, steps)
+    finally:
+        sampler.close()
+    sampled = batch["actions"][:, 0]  # (steps, 1)
+    action_rng = np.random.default_rng(4)
+    normals = np.array([action_rng.standard_normal(1) for _ in range(steps)])
+    assert np.allclose(sampled, gaussian_sample(batch["logits"][:, 0], normals), rtol=1e-12, atol=0)
+    assert np.sum(np.abs(sampled) > 2.0) >= 5  # the bounds are really exceeded
+    assert len(received) == steps
+    assert np.array_equal(np.array(received).reshape(steps, 1), np.clip(sampled, -2.0, 2.0))
+
+
+def test_gaussian_trpo_step_stays_in_the_trust_region_and_improves(rng):
+    """trpo_step (Sec. 6, solved as in Appendix C) with a GaussianPolicy on a random batch of continuous
+    actions: the step is accepted with 0 < KLbar <= delta (T.mean_kl with DiagonalGaussian) and improves the
+    Eq. (14) surrogate, both recomputed here by forward passes, and info's kl and actual_improve equal them;
+    log sigma moves too. With damping 1e-4 the full step overshoots, so the line search backtracks: the try
+    before the accepted one, 1/0.8 times as long, broke the constraint."""
+    net = GaussianPolicy([4, 8, 2])
+    theta = net.init(rng, output_gain=0.5)
+    states, actions, logp_old, advantages = gaussian_policy_batch(net, theta, rng, n=200)
+    cfg = T.Config(max_kl=0.01, cg_iters=20, damping=1e-4, fisher_subsample=1)
+
+    def surrogate_of_logits(z):
+        return T.surrogate(z, actions, logp_old, advantages, DiagonalGaussian)
+    theta_new, info = T.trpo_step(net, theta, states, surrogate_of_logits, cfg)
+    z_old, z_new = net.forward(theta, states)[0], net.forward(theta_new, states)[0]
+    L_old, L_new = surrogate_of_logits(z_old)[0], surrogate_of_logits(z_new)[0]
+    kl_new = T.mean_kl(z_old, z_new, DiagonalGaussian)
+    assert info["accepted"] and 0 < kl_new <= cfg.max_kl
+    assert np.isclose(info["kl"], kl_new) and np.isclose(info["actual_improve"], L_new - L_old)
+    assert L_new > L_old
+    assert np.all(theta_new[net.mean_params:] != theta[net.mean_params:])
+    assert info["backtracks"] > 0
+    previous_try = theta + (theta_new - theta) / cfg.backtrack_coeff
+    assert T.mean_kl(z_old, net.forward(previous_try, states)[0], DiagonalGaussian) > cfg.max_kl
+
+
+def test_act_with_a_gaussian_policy_returns_the_mean_or_a_sample_of_d_floats(rng):
+    """cli.act with a continuous policy (GaussianPolicy, d = 2): greedy, it returns an array of shape (d,)
+    equal to the mean mu_theta(s) of forward, exactly; not greedy, an array of shape (d,) that is mu + sigma n
+    for the rng's next d standard normals (to 1e-14), not the mean."""
+    net = policy_network([3, 8, 2], True)
+    theta = net.init(rng, output_gain=0.5)
+    theta[net.mean_params:] = [-0.5, 0.4]
+    obs = rng.standard_normal(3)
+    z = net.forward(theta, obs[None])[0][0]
+    greedy = cli.act(net, theta, obs)
+    assert isinstance(greedy, np.ndarray) and greedy.shape == (2,) and np.array_equal(greedy, z[:2])
+    sampled = cli.act(net, theta, obs, greedy=False, rng=np.random.default_rng(9))
+    n = np.random.default_rng(9).standard_normal(2)
+    assert isinstance(sampled, np.ndarray) and sampled.shape == (2,)
+    assert np.allclose(sampled, z[:2] + np.exp(z[2:]) * n, rtol=1e-14, atol=0)
+    assert not np.allclose(sampled, greedy)
 
 
 # ----------------------------------------------------------------------------
