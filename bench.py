@@ -57,7 +57,7 @@ from network import policy_network
 from run_files import UserError
 
 DEFAULT_ENV = T.Config.env
-DEFAULT_OUT = "bench_runs"  # each benchmark in a new folder <out>/<scheme> (numbered if taken)
+DEFAULT_OUT = "bench_runs"  # each benchmark in a new folder <out>/<name> (numbered if taken): the scheme, or <env>-<scheme>
 HERE = os.path.dirname(os.path.abspath(__file__))
 PUBLISHED_RESULTS = os.path.join(HERE, "bench_results")  # what README.md and RESULTS.md show: only with --publish
 PUBLISHED_PLOTS = os.path.join(HERE, "plots")
@@ -95,7 +95,9 @@ def restore_cost(cfg, branches=100):
     for k in range(branches):
         env.reset(seed=k)
         for _ in range(50):
-            env.step(engines_off)  # the lander falls, not yet landed
+            _, _, terminated, truncated, _ = env.step(engines_off)  # the lander falls, not yet landed
+            if terminated or truncated:  # an episode this short (CartPole): branch from a new one
+                env.reset(seed=k)
         noise = net.distribution.noise(rng, num_actions, (cfg.vine_horizon,))
         start = time.perf_counter()
         pool.submit(k, lambda: T.branch_rollout(env, engines_off, net, theta, noise, cfg.gamma))
@@ -333,12 +335,12 @@ def build_parser():
     parser.add_argument("--eval-episodes", type=cli.number(int), default=100,
                         help="evaluation episodes of each final policy")
     parser.add_argument("--out", default=DEFAULT_OUT,
-                        help="the benchmark writes into a new folder <out>/<scheme> (<out>/<scheme>-2, -3, ... "
+                        help="the benchmark writes into a new folder <out>/<name> (<out>/<name>-2, -3, ... "
                              "if that exists; <out>/trust-region with --trust-region-demo): its table, JSON, "
                              "learning curves, and each seed's run; nothing already there is ever written over")
     parser.add_argument("--publish", action="store_true",
                         help="also replace the results README.md shows, once every seed has finished: "
-                             "bench_results/<scheme>.md and .json and plots/<scheme>_learning_curves.png "
+                             "bench_results/<name>.md and .json and plots/<name>_learning_curves.png (<name>: the scheme, or <env>-<scheme>) "
                              "(plots/trust_region.png with --trust-region-demo)")
     parser.add_argument("--trust-region-demo", action="store_true",
                         help="instead: train the first seed with delta = 1 twice, with and without the line "
@@ -355,6 +357,8 @@ def check_arguments(args):
         raise UserError(f"--eval-episodes must be positive, got {args.eval_episodes}.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a file, not a folder.")
+    if args.trust_region_demo and args.env != DEFAULT_ENV:
+        raise UserError(f"--trust-region-demo runs on {DEFAULT_ENV} only; leave out --env.")
     if args.target is None:
         args.target = cli.reward_threshold(args.env)
         if args.target is None:

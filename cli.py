@@ -31,7 +31,7 @@ MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider
 MAX_ENVS = 1024  # environments side by side; each holds its own simulator
 MAX_BATCH = 2 ** 21  # steps per iteration: a batch's arrays (observations twice, logits, ...) take ~200 bytes a step
 MAX_HORIZON = 10_000  # steps of a vine branch
-MAX_BRANCH_NUMBERS = 2 ** 24  # N x H and N x K random numbers (8 bytes each) drawn per iteration for the vine
+MAX_BRANCH_NUMBERS = 2 ** 24  # N x H and N x K random numbers (8 bytes each; d each for continuous actions) per iteration
 RESUMABLE = {"total_steps", "out", "workers", "save_every"}  # the settings a resumed run may change
 
 
@@ -145,7 +145,7 @@ def validate(cfg):
         raise UserError(f"--vine-actions must be 0 (all actions) or positive, got {cfg.vine_actions}.")
     if not cfg.hidden or any(n < 1 for n in cfg.hidden):
         raise UserError(f"--hidden needs one or more positive layer sizes, got {list(cfg.hidden)}.")
-    for name in ("max_kl", "damping", "vf_lr", "entropy_coef", "stop_return"):
+    for name in ("max_kl", "damping", "vf_lr", "entropy_coef", "stop_return", "log_std_init"):
         value = getattr(cfg, name)
         if value is not None and not np.isfinite(value):
             raise UserError(f"{flag(name)} must be a finite number, got {value}.")
@@ -172,15 +172,26 @@ def validate(cfg):
     if cfg.vine_horizon > MAX_HORIZON:
         raise UserError(f"--vine-horizon {cfg.vine_horizon:,} is longer than a branch can usefully be (its random "
                         f"numbers alone would fill memory); use at most {MAX_HORIZON:,}.")
-    if cfg.scheme == "vine" and (cfg.vine_actions == 0 or cfg.vine_proposal == "uniform") and env_dims(cfg.env)[2]:
+    if cfg.log_std_init != 0.0 and not env_dims(cfg.env)[2]:
+        raise UserError(f"--log-std-init is for continuous actions; those of {cfg.env} are discrete.")
+    if cfg.scheme == "vine":
+        validate_vine(cfg)
+
+
+def validate_vine(cfg):
+    """validate's rules of the vine, which depend on the environment's actions (probed here)."""
+    _, action_dim, continuous = env_dims(cfg.env)
+    if continuous and (cfg.vine_actions == 0 or cfg.vine_proposal == "uniform"):
         raise UserError(("--vine-actions 0 (every action, Eq. 15) has no meaning for" if cfg.vine_actions == 0 else
                          "--vine-proposal uniform is for discrete actions, not for")
                         + f" the continuous actions of {cfg.env}; the vine draws K > 1 actions from pi_old there "
                           f"(the default).")
     rollout_states = min(cfg.vine_states, cfg.batch_size)
+    numbers_per_action = action_dim if continuous else 1  # a Gaussian's action takes d standard normals
     for name, per_state in (("vine_horizon", cfg.vine_horizon), ("vine_actions", cfg.vine_actions)):
-        if cfg.scheme == "vine" and rollout_states * per_state > MAX_BRANCH_NUMBERS:
-            raise UserError(f"{rollout_states:,} rollout states x {flag(name)} {per_state:,} are more random "
+        if rollout_states * per_state * numbers_per_action > MAX_BRANCH_NUMBERS:
+            dims = f" x {action_dim} action dimensions" if continuous else ""
+            raise UserError(f"{rollout_states:,} rollout states x {flag(name)} {per_state:,}{dims} are more random "
                             f"numbers per iteration than memory holds at a useful speed; keep their product at "
                             f"most {MAX_BRANCH_NUMBERS:,}.")
 
@@ -206,12 +217,14 @@ def make_env(env_id, render_mode=None):
     except gym.error.Error as e:
         raise UserError(f"unknown environment '{env_id}' ({e}).") from None
     space = env.action_space
-    flat_box = (isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+    flat_box = (isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and space.shape[0] >= 1
+                and np.issubdtype(space.dtype, np.floating)
                 and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high)))
     if not (isinstance(space, gym.spaces.Discrete) or flat_box):
         env.close()
-        raise UserError(f"environment '{env_id}' has action space {space}; this TRPO needs Discrete actions "
-                        "(a categorical policy) or a flat Box with finite bounds (a Gaussian policy).")
+        raise UserError(f"environment '{env_id}' has a {type(space).__name__} action space of shape {space.shape}; "
+                        "this TRPO needs Discrete actions (a categorical policy) or a flat Box of floats with "
+                        "finite bounds (a Gaussian policy).")
     if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
         env.close()
         raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
@@ -253,7 +266,8 @@ def load_policy(path, env_id=None):
     env_id = env_id or saved_env_id
     obs_dim, num_actions, continuous = env_dims(env_id)
     if sizes[0] != obs_dim or sizes[-1] != num_actions:
-        raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions, "
+        raise UserError(f"the network in '{path}' takes {sizes[0]} observations and gives {sizes[-1]} actions "
+                        f"(or action dimensions), "
                         f"but {env_id} has {obs_dim} and {num_actions}.")
     net = policy_network(sizes, continuous)
     if theta.shape != (net.num_params,):

@@ -166,7 +166,7 @@ EXERCISES = [
              u = net.jvp(theta, cache, v)
              w = net.distribution.fisher_product(logits, u)
              return net.backward(theta, cache, w) + damping * v  # forgets the mean's 1/N
-             """, "(F + damping I) v from a JVP, the logit-space Fisher and a backward pass"),
+             """, "(F + damping I) v from a JVP, the distribution's Fisher and a backward pass"),
     Exercise("conjugate_gradient", "trpo_numpy.py", "conjugate_gradient",
              ["test_conjugate_gradient_matches_linear_solve",
               "test_conjugate_gradient_stops_on_a_non_positive_curvature"],
@@ -277,7 +277,7 @@ MUTANTS = [
     # The Fisher-vector product (Appendix C.1)
     Mutant("network.py", "return p * u - p * (p * u).sum(axis=-1, keepdims=True)", "return p * u - p * (p * u).sum()",
            ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
-           "the logit-space Fisher sums p . u over the whole batch, not per state"),
+           "the categorical's logit-space Fisher sums p . u over the whole batch, not per state"),
     Mutant("trpo_numpy.py",
            "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping)",
            "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping) + cfg.damping * v",
@@ -334,18 +334,20 @@ MUTANTS = [
            ["test_vine_sampler_fork_and_replay_give_the_same_q"],
            "a new episode keeps the last one's actions for replay"),
     Mutant("trpo_numpy.py",
-           "self.envs[e], a, net, theta, noise[row[t, e]], gamma, value_fn, lam))\n"
-           "                else:\n"
-           "                    env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])\n"
-           "                    results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, noise[row[t, e]], gamma,",
-           "self.envs[e], a, net, theta, np.roll(noise[row[t, e]], k), gamma, value_fn, lam))\n"
-           "                else:\n"
-           "                    env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])\n"
-           "                    results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, "
-           "np.roll(noise[row[t, e]], k), gamma,",
+           "self.envs[e], a, net, theta, noise[row[t, e]], gamma, value_fn, lam))",
+           "self.envs[e], a, net, theta, np.roll(noise[row[t, e]], k), gamma, value_fn, lam))",
            ["test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms"],
-           "each branch reads its state's random numbers rotated by its place in the action set: no common random numbers (issue 16, "
-           "bug 5)"),
+           "each forked branch reads its state's random numbers rotated by its place in the action set: no "
+           "common random numbers (issue 16, bug 5)"),
+    Mutant("trpo_numpy.py",
+           "results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, noise[row[t, e]], gamma,",
+           "results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, np.roll(noise[row[t, e]], k), gamma,",
+           ["test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms"],
+           "each replayed branch reads its state's random numbers rotated by its place in the action set"),
+    Mutant("trpo_numpy.py", "self.new_env_per_replay = world is not None and self.spare.unwrapped.world is world",
+           "self.new_env_per_replay = False",
+           ["test_continuous_vine_fork_and_replay_give_the_same_q_on_a_walker"],
+           "a replay reuses BipedalWalker's spare environment, whose reset keeps its Box2D world and caches"),
     Mutant("trpo_numpy.py", "if terminated:", "if terminated or truncated:",
            ["test_a_branch_cut_by_the_time_limit_bootstraps_with_v_where_it_was_cut"],
            "a branch cut by the time limit gets V = 0, as if terminated (issue 16, bug 4)"),

@@ -278,7 +278,8 @@ def gaussian_kl(z_old, z_new):
 
 
 def gaussian_sample(z, normals):
-    """a = mu + sigma * n for given standard normals n, one row per state (branches share their n)."""
+    """a = mu + sigma * n for given standard normals n, one row per state (given, so that a run's numbers
+    come from each environment's own generator)."""
     mu, log_std = gaussian_parts(z)
     return mu + np.exp(log_std) * normals
 
@@ -286,9 +287,9 @@ def gaussian_sample(z, normals):
 def gaussian_fisher_product(z, u):
     """The Fisher information of a diagonal Gaussian in z = [mu, log sigma], times u, row by row.
 
-    It is the Hessian of KL(pi_z_old || pi_z) in z at z_old: diagonal, 1 / sigma_j^2 for each
-    mean and 2 for each log sigma_j (the KL above, differentiated twice). So F = J^T M J with
-    M = diag(1/sigma^2, 2), J = dz/dtheta; no matrix is built."""
+    It is the Hessian of KL(pi_z_old || pi_z) in z at z_old, the M of F = J^T M J (Appendix C.1,
+    J = dz/dtheta) worked out for z = [mu, log sigma]: diagonal, 1 / sigma_j^2 for each mean and a
+    constant for each log sigma_j (differentiate gaussian_kl twice to find it). No matrix is built."""
     mu_u, log_std_u = gaussian_parts(u)
     _, log_std = gaussian_parts(z)
     return np.concatenate([mu_u * np.exp(-2 * log_std), 2.0 * log_std_u], axis=-1)
@@ -326,8 +327,8 @@ class DiagonalGaussian:
 class GaussianPolicy(MLP):
     """A diagonal Gaussian policy: the tanh MLP gives the mean mu_theta(s) of the d = sizes[-1] actions,
     and log sigma, one per action and the same in every state, is the last d entries of theta
-    (as in the paper's locomotion policies, Sec. 8.1 and Fig. 3: a network for the mean, standard
-    deviations as parameters of their own). `init` leaves log sigma at 0 (sigma = 1). The output for
+    (as in the paper's continuous policies, Appendix D: a diagonal covariance, independent of the
+    state, with the log standard deviations a vector of parameters). `init` leaves log sigma at 0 (sigma = 1). The output for
     a batch is z = [mu, log sigma], (N, 2d): the distribution's parameters, as an MLP's logits are a
     categorical's.
 

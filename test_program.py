@@ -28,6 +28,7 @@ import sys
 import numpy as np
 import pytest
 
+import cli
 import parallel
 import run_files
 import trpo_numpy as T
@@ -52,6 +53,8 @@ def run_cli(*args, cwd=HERE):
     (["--env", "Blackjack-v1"], "flat Box observation"),
     (["--env", "Pendulum-v1", "--scheme", "vine", "--vine-actions", "0"], "--vine-actions 0"),
     (["--env", "Pendulum-v1", "--scheme", "vine", "--vine-proposal", "uniform"], "--vine-proposal uniform"),
+    (["--log-std-init", "-0.5"], "--log-std-init is for continuous actions"),
+    (["--env", "Pendulum-v1", "--log-std-init", "inf"], "--log-std-init must be a finite number"),
     (["--max-kl", "-0.01"], "--max-kl must be positive"),
     (["--max-kl", "abc"], "not a number"),
     (["--total-steps", "0"], "--total-steps must be positive"),
@@ -1185,6 +1188,10 @@ def test_bench_writes_the_published_results_only_with_publish(fast_bench, tmp_pa
     (["--eval-episodes", "0"], "--eval-episodes must be positive"),
     (["--out", "/proc/x"], "cannot make the folder"),
     (["--out", "{tmp}/a-file/below-it"], "cannot make the folder"),  # fails for root too
+    (["--env", "Pendulum-v1"], "Pendulum-v1 has no reward threshold; give the return"),
+    (["--env", "NoSuchEnv-v0"], "unknown environment"),
+    (["--target", "nan"], "--target must be a finite number"),
+    (["--env", "Pendulum-v1", "--trust-region-demo"], "--trust-region-demo runs on LunarLander-v3 only"),
 ])
 def test_bench_refuses_bad_input_before_training_in_one_sentence(bench_module, tmp_path, capsys, monkeypatch,
                                                                   args, words):
@@ -1424,3 +1431,42 @@ def test_exercise_py_says_when_pytest_is_missing_and_refuses_a_folder_of_other_f
     net = MLP([4, 8, 2])
     with pytest.raises(run_files.UserError, match="one observation"):
         cli.act(net, net.init(np.random.default_rng(0)), np.zeros((3, 4)))
+
+
+def test_a_continuous_run_starts_at_log_std_init_and_writes_a_gaussian_policy(tmp_path):
+    """Continuous actions end to end: a short Pendulum run (workers=1) starts its Gaussian policy at
+    --log-std-init, so the first step's entropy is d log sigma + d/2 (1 + log 2 pi); its policy.npz loads
+    back as a Gaussian policy that cli.act drives, greedy with the mean action."""
+    cfg = short_config(tmp_path, "pendulum", env="Pendulum-v1", workers=1, log_std_init=-0.7, total_steps=1024)
+    net, theta, history = T.train(cfg, verbose=False, progress_bar=False)
+    assert np.isclose(history[0]["entropy"], -0.7 + 0.5 * (1 + np.log(2 * np.pi)), rtol=1e-12)
+    loaded, loaded_theta, env_id = cli.load_policy(os.path.join(cfg.out, "policy.npz"))
+    assert type(loaded).__name__ == "GaussianPolicy" and env_id == "Pendulum-v1"
+    assert np.array_equal(loaded_theta, theta)
+    obs = np.array([1.0, 0.0, 0.5])
+    action = cli.act(loaded, loaded_theta, obs)
+    assert action.shape == (1,) and np.array_equal(action, loaded.forward(theta, obs[None])[0][0, :1])
+
+
+def test_bench_on_a_continuous_env_names_its_files_after_it_and_measures_to_its_target(bench_module, tmp_path,
+                                                                                      capsys):
+    """bench.py --env Pendulum-v1 --target -1000 (a Gaussian policy): its folder and files are named
+    Pendulum-v1-single, its table counts steps to -1000, and its JSON records the environment, the target
+    and a greedy (mean action) evaluation over the episodes asked."""
+    code, out, err = run_bench(bench_module, capsys, "--env", "Pendulum-v1", "--target", -1000, "--seeds", 0,
+                               "--total-steps", 1024, "--eval-episodes", 2)
+    assert code == 0, err
+    folder = tmp_path / "bench_runs" / "Pendulum-v1-single"
+    assert (folder / "Pendulum-v1-single.md").exists() and (folder / "Pendulum-v1-single_learning_curves.png").exists()
+    assert "steps to -1000" in out
+    result = json.loads((folder / "Pendulum-v1-single.json").read_text())["results"][0]
+    assert result["env"] == "Pendulum-v1" and result["target"] == -1000
+    assert np.isfinite(result["eval_greedy_mean"]) and result["eval_greedy_mean"] < 0
+
+
+def test_bench_raw_ceiling_steps_a_box_action_space():
+    """bench.raw_ceiling on continuous actions (Pendulum-v1, LunarLanderContinuous-v3), whose clipped
+    environment has an unbounded action space of its own, steps them and returns a positive, finite rate."""
+    import bench  # imported as a module: it installs no signal handlers (main=False)
+    for env_id in ("Pendulum-v1", "LunarLanderContinuous-v3"):
+        assert 0 < bench.raw_ceiling(env_id, steps=200) < float("inf")

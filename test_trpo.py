@@ -441,7 +441,7 @@ def gaussian_policy_batch(net, theta, rng, n=50):
 
 
 def test_gaussian_log_prob_is_the_log_of_a_product_of_normal_densities(rng):
-    """The log-density of the Gaussian policy of TRPO Sec. 8.1 (a diagonal Gaussian): gaussian_log_prob(z, a)
+    """The log-density of the Gaussian policy of TRPO Appendix D (a diagonal Gaussian): gaussian_log_prob(z, a)
     with z = [mu, log sigma] equals log prod_j exp(-(a_j - mu_j)^2 / (2 sigma_j^2)) / (sigma_j sqrt(2 pi)),
     the 1-D normal densities written out by hand, to 1e-12, for 5 rows of d = 3 with a sigma per row and
     dimension; and gaussian_sample(z, n) is mu + sigma n."""
@@ -527,7 +527,7 @@ def test_gaussian_fisher_is_the_hessian_of_kl_in_mu_and_log_sigma(rng):
 
 
 def test_gaussian_policy_forward_is_the_mlp_mean_and_log_sigma_in_every_row(gaussian_net):
-    """The policy of TRPO Sec. 8.1 (a network for the mean, log sigma a parameter of its own):
+    """The policy of TRPO Appendix D (a network for the mean, log sigma a parameter of its own):
     GaussianPolicy.forward gives z = [mu, log sigma] of shape (N, 2d), mu the MLP written out by hand,
     tanh(tanh(x W1 + b1) W2 + b2) W3 + b3, to 1e-14, and log sigma the last d entries of theta in every row;
     policy_network picks it for continuous actions, the categorical MLP otherwise."""
@@ -1225,6 +1225,28 @@ def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path):
     # rollout states are trunk states, in (t, e) order
     for s in fork["rollout_states"]:
         assert any(np.array_equal(s, o) for o in fork["obs"].reshape(-1, 4))
+
+
+@needs_fork
+def test_continuous_vine_fork_and_replay_give_the_same_q_on_a_walker(tmp_path):
+    """TRPO Sec. 5.2 with continuous actions, on BipedalWalker, whose reset keeps its Box2D world (a replay
+    in a reused environment would start from contact caches of earlier episodes): restored by fork or by
+    seeded replay, the vine sampler gives the same Q to the bit for K = 3 Gaussian actions drawn from pi_old
+    at 6 rollout states, on a first and a second batch; the action sets are (6, 3, 4) floats."""
+    batches = {}
+    for restore in ("fork", "replay"):
+        cfg = vine_config(tmp_path, f"walker-{restore}", env="BipedalWalker-v3", vine_restore=restore,
+                          vine_actions=3, vine_proposal="pi_old", vine_horizon=20, vine_bootstrap=False)
+        run_rng = np.random.default_rng(0)
+        net = GaussianPolicy([24, 8, 4])
+        theta = net.init(run_rng, output_gain=1.0)
+        sampler = T.make_sampler(cfg, run_rng, T.ValueFunction(MLP([24, 8, 1]), run_rng, lr=1e-3))
+        batches[restore] = [sampler.sample(net, theta, 8) for _ in range(2)]
+        sampler.close()
+    for fork, replay in zip(batches["fork"], batches["replay"]):
+        assert fork["action_sets"].shape == (6, 3, 4) and np.all(np.isfinite(fork["Q"]))
+        assert np.array_equal(fork["action_sets"], replay["action_sets"])
+        assert np.array_equal(fork["Q"], replay["Q"])
 
 
 @needs_fork

@@ -98,6 +98,8 @@ class Config:
                                         "--no-vine-bootstrap: the paper's Monte-Carlo Q")
     vine_restore: str = option("auto", "vine: restore a state by 'fork', by seeded 'replay', or 'auto' (the "
                                        "cheaper); all exact", choices=["auto", "fork", "replay"])
+    log_std_init: float = option(0.0, "continuous actions: log sigma of the Gaussian policy at the start, the "
+                                      "same for every action dimension")
     entropy_coef: float = option(0.0, "weight of an entropy bonus in the surrogate (an addition; 0 is the paper)")
     trust_region: bool = option(True, "--no-trust-region: the full natural-gradient step, with no line search")
     stop_return: float = option(None, "stop once the mean return of the last 100 episodes reaches this")
@@ -115,8 +117,8 @@ class Config:
 
 # Where the vine's defaults differ from Config's. Its trunk is half the single path's batch
 # (many finished episodes per iteration for the value fit, at little cost next to the branches);
-# its all-actions estimate has so little noise that larger steps pay; its Fisher is taken over
-# the few rollout states, every one of them. Unless told otherwise, a vine run stops once solved
+# its estimate of the advantages (all actions, for discrete ones) has so little noise that larger
+# steps pay; its Fisher is taken over the few rollout states, every one of them. Unless told otherwise, a vine run stops once solved
 # (the environment's reward threshold) or after VINE_ITERATIONS iterations: a run a class can wait for.
 SCHEME_DEFAULTS = {"single": {},
                    "vine": {"num_envs": 32, "steps_per_env": 256, "max_kl": 0.05, "fisher_subsample": 1}}
@@ -124,8 +126,8 @@ VINE_ITERATIONS = 150
 SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
 # Where the defaults for continuous actions (a Gaussian policy) differ, on top of the scheme's.
-# The vine draws K actions from q = pi_old (Eq. 16), as the paper does for large action spaces:
-# there is no "every action" of a continuous space.
+# The vine draws K = 4 actions from q = pi_old (Eq. 16): the paper's q for continuous problems
+# (Sec. 5.2) and its rollouts per state (Appendix E); there is no "every action" of a continuous space.
 CONTINUOUS_DEFAULTS = {"single": {},
                        "vine": {"vine_actions": 4, "vine_proposal": "pi_old"}}
 
@@ -173,8 +175,8 @@ class SinglePathSampler:
         """Step every environment `steps` times under pi_theta. Returns a dict of (T, E, ...) arrays.
 
         A continuous action is recorded as sampled, and the environment takes it clipped to its
-    bounds (cli.make_env): the log-prob is the sampled action's, as in most implementations.
-    `next_obs[t, e]` is the observation that really followed action t, the final one
+        bounds (cli.make_env): the log-prob is the sampled action's, as in most implementations.
+        `next_obs[t, e]` is the observation that really followed action t, the final one
         when the episode ended there (before the reset): V(next_obs) is what a truncated
         episode, or the batch's last step, bootstraps with. `episode_return[t, e]` is the
         return of the episode that ended at step t, NaN where none ended.
@@ -217,7 +219,7 @@ class SinglePathSampler:
             batch["rewards"][t] = rewards
             batch["next_obs"][t] = next_obs
             self.obs = np.array(obs_after, dtype=np.float64)
-        batch["logits"] = np.array(logits_steps)  # (T, E, A), pi_old's logits at every state
+        batch["logits"] = np.array(logits_steps)  # (T, E, A), pi_old's logits at every state ((T, E, 2d): mu, log sigma)
         # (T, E) integers, or (T, E, d) floats: the actions sampled, before the environment clips them
         batch["actions"] = np.array(action_steps)
         return batch
@@ -365,8 +367,8 @@ def fisher_vector_product(net, theta, cache, logits, v, damping):
     F = (1/N) sum_i J_i^T M_i J_i is the Hessian of KLbar at theta_old, J_i = dz_i/dtheta and
     M_i the Fisher of the distribution in its parameters z_i = `logits[i]`: diag(p_i) - p_i p_i^T
     for a categorical, diag(1/sigma^2, 2) in (mu, log sigma) for a Gaussian. Three passes:
-      u = J v            forward-mode pass (net.jvp)                 # (N, A)
-      w = M u, row by row (net.distribution.fisher_product)           # (N, A)
+      u = J v            forward-mode pass (net.jvp)                 # (N, A), or (N, 2d) for a Gaussian
+      w = M u, row by row (net.distribution.fisher_product)           # the same shape
       F v = J^T w / N    one ordinary backward pass (net.backward)    # (num_params,)
     """
     u = net.jvp(theta, cache, v)
@@ -641,7 +643,9 @@ def train(cfg, verbose=True, resume=None, progress_bar=True):
     rng = np.random.default_rng(cfg.seed)
     # discrete actions: an MLP giving a categorical's logits; continuous: a Gaussian policy (network.py)
     policy_net = policy_network([obs_dim, *cfg.hidden, num_actions], continuous)
-    theta = policy_net.init(rng, output_gain=0.01)  # every action nearly equally likely at first
+    theta = policy_net.init(rng, output_gain=0.01)  # every action nearly equally likely at first (a Gaussian: mean 0)
+    if continuous:
+        theta[policy_net.mean_params:] = cfg.log_std_init
     value_fn = ValueFunction(MLP([obs_dim, *cfg.hidden, 1]), rng, lr=cfg.vf_lr)
     state = run_files.TrainingState(cfg, policy_net, value_fn, rng, theta)  # what a checkpoint holds
     if resume is not None:
@@ -799,9 +803,10 @@ def branch_rollout(env, first_action, net, theta, noise, gamma, value_fn=None, l
 def replay(env, seed, actions):
     """Rebuild a state without fork: reset env with the episode's seed and replay its actions.
 
-    Exact, because the simulator is deterministic and its reset seeds the terrain's generator
-    and builds a new Box2D world (no contact cache survives from before); but it costs one step
-    per step of the episode so far. Returns env."""
+    Exact, because the simulator is deterministic and its reset seeds the terrain's generator,
+    provided no contact cache survives from before: LunarLander's reset builds a new Box2D world,
+    and VineTrunk gives environments whose reset keeps theirs (BipedalWalker) a new env for each
+    replay. It costs one step per step of the episode so far. Returns env."""
     env.reset(seed=seed)
     for action in actions:
         env.step(action)
@@ -822,8 +827,15 @@ class VineTrunk(SinglePathSampler):
 
     def __init__(self, env_id, env_seeds, action_seeds, restore):
         super().__init__([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
+        self.env_id = env_id
         self.episode_actions = [[] for _ in env_seeds]  # each current episode's actions so far, for replay
         self.spare = make_env(env_id)  # where states are rebuilt by replay
+        # A Box2D world keeps caches (contacts, warm starts) from step to step, so a replay is exact only
+        # in a world that the reset built anew. LunarLander's reset builds one; BipedalWalker's keeps its
+        # world, so there each replay gets a new environment.
+        world = getattr(self.spare.unwrapped, "world", None)
+        self.spare.reset(seed=0)
+        self.new_env_per_replay = world is not None and self.spare.unwrapped.world is world
         self.pool = parallel.ForkPool(max_children=2) if restore != "replay" else None
         # replay a state whose episode has run fewer steps than this, fork from any other
         if restore == "auto":
@@ -831,13 +843,19 @@ class VineTrunk(SinglePathSampler):
         else:
             self.replay_below = 0 if restore == "fork" else float("inf")
 
+    @property
+    def no_action(self):
+        """Action 0, or the zero vector of continuous actions (LunarLander: every engine off)."""
+        space = self.spare.action_space
+        return np.zeros(space.shape) if space.shape else 0
+
     def steps_per_fork(self):
         """How many simulator steps cost as much as restoring a state by fork, measured here (the
         cost of a fork differs a lot between machines). The steps timed are cheap ones (the lander
         falls, then lies on the ground), which puts the figure on the side of replaying."""
         def twenty_steps():
             for _ in range(20):
-                _, _, terminated, truncated, _ = self.spare.step(0)  # LunarLander: falling, then lying
+                _, _, terminated, truncated, _ = self.spare.step(self.no_action)  # LunarLander: falling, then lying
                 if terminated or truncated:  # an episode this short (CartPole) starts again
                     self.spare.reset(seed=0)
         self.spare.reset(seed=0)
@@ -884,9 +902,12 @@ class VineTrunk(SinglePathSampler):
                     self.pool.submit((t, e, k), lambda a=actions[k]: branch_rollout(
                         self.envs[e], a, net, theta, noise[row[t, e]], gamma, value_fn, lam))
                 else:
-                    env = replay(self.spare, self.episode_seed[e], self.episode_actions[e])
+                    env = make_env(self.env_id) if self.new_env_per_replay else self.spare
+                    replay(env, self.episode_seed[e], self.episode_actions[e])
                     results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, noise[row[t, e]], gamma,
                                                         value_fn, lam)
+                    if env is not self.spare:
+                        env.close()
 
         self.rollout, self.branch = rollout, branch
         batch = super().sample(net, theta, steps)
@@ -1021,8 +1042,9 @@ def importance_sampled_surrogate(logits, actions, proposal, Q, dist=Categorical)
 def vine_problem(batch, dist=Categorical):
     """The states and surrogate of the vine step: the rollout set, with Eq. (15) or Eq. (16).
 
-    Also returns the branches' estimates of V(s_n) = sum_a pi_old(a|s_n) Q(s_n, a) (with K
-    sampled actions, by the same self-normalised weights): the surrogate at theta_old."""
+    Also returns the branches' estimates of V(s_n) = E_{a ~ pi_old}[Q(s_n, a)] (with all actions, the sum
+    sum_a pi_old(a|s_n) Q(s_n, a); with K sampled actions, by the same self-normalised weights): the
+    surrogate at theta_old."""
     Q, action_sets, logits_old = batch["Q"], batch["action_sets"], batch["rollout_logits"]
     if batch["proposal"] is None:  # every action: action_sets[n] is 0, ..., A - 1, so Q[n, a] = Q(s_n, a)
         def surrogate_of_logits(logits):
