@@ -81,10 +81,13 @@ def scheme_and_action_defaults(trpo, name):
         text += f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
     if name == "stop_return":
         text += " (vine: the environment's reward threshold, 200 for LunarLander)"
-    for scheme, settings in trpo.CONTINUOUS_DEFAULTS.items():
-        if name in settings and settings[name] != default:
-            where = "continuous actions" + ("" if scheme == "single" or name.startswith("vine_") else f", {scheme}")
-            text += f" ({where}: {settings[name]})"
+    continuous = {scheme: settings[name] for scheme, settings in trpo.CONTINUOUS_DEFAULTS.items()
+                  if name in settings and settings[name] != default}
+    if len(set(continuous.values())) == 1 and (len(continuous) == 2 or name.startswith("vine_")):
+        text += f" (continuous actions: {next(iter(continuous.values()))})"  # both schemes, or the vine's own
+    else:
+        text += "".join(f" (continuous actions, {trpo.SCHEME_NAMES[scheme]}: {value})"
+                        for scheme, value in continuous.items())
     return text
 
 
