@@ -66,7 +66,7 @@ PUBLISHED_PLOTS = os.path.join(HERE, "plots")
 def raw_ceiling(env_id, steps=20_000, seed=0):
     """Env steps per second of the bare simulator: one environment, random actions, this process."""
     env = cli.make_env(env_id)
-    space = env.unwrapped.action_space  # (make_env clips continuous actions: its own space is unbounded)
+    space = env.action_space
     space.seed(seed)
     actions = [space.sample() for _ in range(steps)]
     actions = [int(a) for a in actions] if hasattr(space, "n") else actions

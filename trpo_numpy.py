@@ -203,7 +203,8 @@ class SinglePathSampler:
             self.logits, _ = net.forward(theta, self.obs)
             action_steps.append(dist.sample(self.logits, [dist.noise(rng, net.sizes[-1])
                                                           for rng in self.action_rngs]))
-            actions = action_steps[-1].tolist()
+            # ints for the loop below; continuous actions stay rows of the (E, d) array, as the env's clip wants
+            actions = action_steps[-1].tolist() if action_steps[-1].ndim == 1 else action_steps[-1]
             batch["obs"][t] = self.obs
             logits_steps.append(self.logits)
             # The hot path: Python lists per environment, copied into the arrays once per step.
