@@ -1,10 +1,9 @@
-"""bench.py: how fast TRPO learns an environment here (LunarLander-v3 by default), and how close to the
-simulator's speed it runs.
+"""bench.py: how fast TRPO learns an environment (LunarLander-v3 by default), how near the simulator's speed.
 
 Each seed (by default 0 to 9) trains with the default settings of the scheme and of the environment's
 actions (trpo_numpy.Config, SCHEME_DEFAULTS and CONTINUOUS_DEFAULTS), and --total-steps when given.
 Measured in the same process, just before that seed's run and again just after it: the raw stepping
-rate of the bare simulator (one environment, random actions); the mean of the two is the ceiling
+rate of the simulator as cli.make_env builds it (one environment, random actions); the mean of the two is the ceiling
 that training is compared with. The target is the environment's reward threshold (LunarLander: 200),
 or --target.
 
@@ -64,7 +63,8 @@ PUBLISHED_PLOTS = os.path.join(HERE, "plots")
 
 
 def raw_ceiling(env_id, steps=20_000, seed=0):
-    """Env steps per second of the bare simulator: one environment, random actions, this process."""
+    """Env steps per second of the simulator as cli.make_env builds it (for Box actions, with its clip to the
+    bounds): one environment, random actions, this process."""
     env = cli.make_env(env_id)
     space = env.action_space
     space.seed(seed)
