@@ -851,19 +851,16 @@ class VineTrunk(SinglePathSampler):
         else:
             self.replay_below = 0 if restore == "fork" else float("inf")
 
-    @property
-    def no_action(self):
-        """Action 0, or the zero vector of continuous actions (LunarLander: every engine off)."""
-        space = self.spare.action_space
-        return np.zeros(space.shape) if space.shape else 0
-
     def steps_per_fork(self):
         """How many simulator steps cost as much as restoring a state by fork, measured here (the
         cost of a fork differs a lot between machines). The steps timed are cheap ones (the lander
         falls, then lies on the ground), which puts the figure on the side of replaying."""
+        shape = self.spare.action_space.shape
+        no_action = np.zeros(shape) if shape else 0  # action 0, or a zero vector: LunarLander's engines off
+
         def twenty_steps():
             for _ in range(20):
-                _, _, terminated, truncated, _ = self.spare.step(self.no_action)  # LunarLander: falling, then lying
+                _, _, terminated, truncated, _ = self.spare.step(no_action)  # LunarLander: falling, then lying
                 if terminated or truncated:  # an episode this short (CartPole) starts again
                     self.spare.reset(seed=0)
         self.spare.reset(seed=0)
