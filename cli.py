@@ -80,7 +80,8 @@ def scheme_and_action_defaults(trpo, name):
     if name == "total_steps":
         text += f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
     if name == "stop_return":
-        text += " (vine: the environment's reward threshold, 200 for LunarLander)"
+        text += (" (vine: " + "".join(f"{value:g} for {env}, " for env, value in trpo.VINE_STOP_RETURN.items())
+                 + "the environment's reward threshold for others)")
     continuous = {scheme: settings[name] for scheme, settings in trpo.CONTINUOUS_DEFAULTS.items()
                   if name in settings and settings[name] != default}
     if len(set(continuous.values())) == 1 and (len(continuous) == 2 or name.startswith("vine_")):
@@ -434,8 +435,14 @@ def main(argv, trpo):
               f"continue with:  python trpo_numpy.py --resume {checkpoint}", file=sys.stderr)
         return parallel.exit_code_of_stop()
     if trpo.solved(history, cfg.stop_return):
-        print(f"solved: the rolling return reached --stop-return {cfg.stop_return:g} at iteration "
-              f"{history[-1]['iteration']}.")
+        threshold = reward_threshold(cfg.env)  # the vine stops past it on LunarLander (trpo.VINE_STOP_RETURN)
+        first = next((row for row in history if threshold is not None and row["rolling_return"] >= threshold), None)
+        if first is not None and threshold < cfg.stop_return:
+            print(f"solved: the rolling return reached {threshold:g}, the environment's threshold, at iteration "
+                  f"{first['iteration']}, and --stop-return {cfg.stop_return:g} at iteration {history[-1]['iteration']}.")
+        else:
+            print(f"solved: the rolling return reached --stop-return {cfg.stop_return:g} at iteration "
+                  f"{history[-1]['iteration']}.")
     print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
           f"outputs in {cfg.out_dir()}")
     return 0

@@ -20,6 +20,7 @@ Run:  python -m pytest -q test_program.py                   (this file)
 """
 
 import concurrent.futures
+import csv
 import json
 import os
 import subprocess
@@ -92,17 +93,41 @@ def test_help_explains_every_flag():
 
 
 def test_a_vine_run_by_default_stops_once_solved_or_after_its_iteration_budget():
-    """scheme_config: the vine stops at LunarLander-v3's reward threshold 200 (CartPole-v1's 475) and runs
+    """scheme_config: the vine stops at 250 on LunarLander-v3 (past its reward threshold of 200: VINE_STOP_RETURN),
+    at the reward threshold elsewhere (CartPole-v1's 475, LunarLanderContinuous-v3's 200), and runs
     VINE_ITERATIONS batches; values given explicitly win; the single-path scheme is the plain Config, with no
     stop return."""
     vine = T.scheme_config("vine")
-    assert vine.stop_return == 200  # LunarLander-v3's reward threshold
+    assert vine.stop_return == 250 and T.reward_threshold("LunarLander-v3") == 200
+    assert T.scheme_config("vine", env="LunarLanderContinuous-v3").stop_return == 200
     assert vine.total_steps == T.VINE_ITERATIONS * vine.batch_size
     assert T.scheme_config("vine", env="CartPole-v1").stop_return == 475
     given = T.scheme_config("vine", total_steps=5000, stop_return=100.0, num_envs=3)
     assert (given.total_steps, given.stop_return, given.num_envs) == (5000, 100.0, 3)
     single = T.scheme_config("single")
     assert single == T.Config() and single.stop_return is None
+
+
+def test_a_run_stopped_past_the_threshold_says_where_it_passed_each(tmp_path, capsys, monkeypatch):
+    """A run whose --stop-return lies past the environment's threshold (as the vine's 250 does past
+    LunarLander's 200) ends by naming the iteration at which its rolling mean reached each; here CartPole-v1
+    with its threshold taken as 15 and --stop-return 30."""
+    import signal
+    handlers = {s: signal.getsignal(s) for s in parallel.STOP_SIGNALS}
+    monkeypatch.setattr(cli, "reward_threshold", lambda env_id: 15.0)
+    try:
+        code = cli.main(["--env", "CartPole-v1", "--stop-return", "30", "--num-envs", "4", "--steps-per-env", "128",
+                         "--workers", "1", "--total-steps", "40000", "--quiet", "--out", str(tmp_path / "run")], T)
+    finally:
+        for stop_signal, handler in handlers.items():
+            signal.signal(stop_signal, handler)
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "progress.csv")))
+    first = next(int(r["iteration"]) for r in rows if float(r["rolling_return"]) >= 15)
+    assert float(rows[-1]["rolling_return"]) >= 30 > float(rows[-2]["rolling_return"])
+    assert (f"solved: the rolling return reached 15, the environment's threshold, at iteration {first}, and "
+            f"--stop-return 30 at iteration {len(rows)}.") in out
 
 
 def test_the_command_line_gives_the_vine_its_defaults(tmp_path):
@@ -1290,6 +1315,15 @@ def test_bench_total_steps_applies_to_the_vine(fast_bench, capsys, monkeypatch):
     assert code == 0 and "--total-steps" in help_text
     total_steps_help = help_text.split("--total-steps TOTAL_STEPS")[-1].split("--eval-episodes EVAL_EPISODES")[0]
     assert "vine" in total_steps_help and "when given" in total_steps_help
+
+
+def test_bench_vine_stops_where_the_vine_does_and_never_before_the_target(bench_module):
+    """bench.seed_config: a vine seed stops where the vine's defaults stop it (250 on LunarLander-v3, past the
+    target of 200), at a --target above that, and at the target where there is no default (Pendulum-v1)."""
+    assert bench_module.seed_config("vine", 0, None, "", target=200).stop_return == 250
+    assert bench_module.seed_config("vine", 0, None, "", target=260).stop_return == 260
+    assert bench_module.seed_config("vine", 0, None, "", env="Pendulum-v1", target=-300).stop_return == -300
+    assert bench_module.seed_config("single", 0, None, "", target=200).stop_return is None
 
 
 def test_bench_says_when_a_seed_did_not_reach_200(fast_bench, capsys):

@@ -120,12 +120,17 @@ class Config:
 # its estimate of the advantages (all actions, for discrete ones) has so little noise that larger
 # steps pay; its Fisher is taken over the few rollout states, every one of them; its value fit keeps
 # the learning rate its benchmark was made with (the single path's larger one brought more seeds to
-# 200: RESULTS.md). Unless told otherwise, a vine run stops once solved (the environment's reward
-# threshold) or after VINE_ITERATIONS iterations: a run a class can wait for.
+# 200: RESULTS.md). Unless told otherwise, a vine run stops once its rolling mean reaches
+# VINE_STOP_RETURN, or the environment's reward threshold, or after VINE_ITERATIONS iterations: a run
+# a class can wait for.
 SCHEME_DEFAULTS = {"single": {},
                    "vine": {"num_envs": 32, "steps_per_env": 256, "max_kl": 0.05, "fisher_subsample": 1,
                             "vf_lr": 1e-3}}
 VINE_ITERATIONS = 150
+# Our choice, past the 200 at which Gymnasium counts LunarLander solved: a vine run stopped the moment its
+# rolling mean touched 200 left landers that scored 189 to 254 flown greedy (seeds 0 to 8); trained on
+# to 250 they are past "just good enough" (RESULTS.md). --stop-return 200 stops at the threshold.
+VINE_STOP_RETURN = {"LunarLander-v3": 250.0}
 SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
 # Where the defaults for continuous actions (a Gaussian policy) differ, on top of the scheme's; chosen
@@ -149,7 +154,7 @@ def scheme_config(scheme="single", **given):
     if scheme == "vine" and "total_steps" not in given:
         cfg.total_steps = VINE_ITERATIONS * cfg.batch_size
     if scheme == "vine" and "stop_return" not in given:
-        cfg.stop_return = reward_threshold(cfg.env)
+        cfg.stop_return = VINE_STOP_RETURN.get(cfg.env, reward_threshold(cfg.env))
     return cfg
 
 
