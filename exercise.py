@@ -279,8 +279,9 @@ MUTANTS = [
            ["test_fisher_vector_product_equals_explicit_fisher_and_kl_hessian"],
            "the categorical's logit-space Fisher sums p . u over the whole batch, not per state"),
     Mutant("trpo_numpy.py",
-           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping)",
-           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping) + cfg.damping * v",
+           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping, fisher_slopes)",
+           "return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping, fisher_slopes)"
+           " + cfg.damping * v",
            ["test_trpo_step_is_the_natural_gradient_step_of_an_explicit_fisher"],
            "trpo_step's Fisher-vector product adds the damping a second time (issue 16, bug 2)"),
     Mutant("trpo_numpy.py",
@@ -363,9 +364,9 @@ MUTANTS = [
            "grads[l] = (h_in.T @ delta, delta.mean(axis=0))",
            ["test_backward_matches_finite_differences"],
            "backprop averages the bias gradient over the batch"),
-    Mutant("network.py", "u = (1.0 - cache[l + 1] ** 2) * da", "u = (1.0 - cache[l + 1]) ** 2 * da",
+    Mutant("network.py", "return [1.0 - h ** 2 for h in cache[1:]]", "return [(1.0 - h) ** 2 for h in cache[1:]]",
            ["test_jvp_matches_finite_differences"],
-           "the JVP's tanh' misplaces a bracket: (1 - h)^2"),
+           "tanh' misplaces a bracket: (1 - h)^2"),
     # The categorical distribution
     Mutant("network.py", "cdf = np.cumsum(softmax(z), axis=-1)", "cdf = softmax(z)",
            ["test_sample_follows_the_probabilities_within_4_sigma"],

@@ -97,14 +97,22 @@ class MLP:
         W, b = layers[-1]
         return h @ W + b, cache
 
-    def backward(self, theta, cache, grad_y):
+    @staticmethod
+    def tanh_slopes(cache):
+        """tanh'(a_l) = 1 - h_l^2 for each hidden layer's output h_l = cache[l], l >= 1 (tanh' = 1 - tanh^2):
+        what `backward` and `jvp` multiply by. They compute these themselves unless given them; a caller
+        that takes many passes on one cache (trpo_step's conjugate gradient) computes them once."""
+        return [1.0 - h ** 2 for h in cache[1:]]
+
+    def backward(self, theta, cache, grad_y, slopes=None):
         """Vector-Jacobian product: sum_i grad_y_i^T (dy_i/dtheta), as a flat vector.
 
         With grad_y = dLoss/dy this is the ordinary gradient dLoss/dtheta (backprop):
         dW_l = h_{l-1}^T delta_l, db_l = sum_i delta_l, and delta_{l-1} = (delta_l W_l^T) * (1 - h_{l-1}^2)
-        because tanh' = 1 - tanh^2.
+        because tanh' = 1 - tanh^2. `slopes` is tanh_slopes(cache), if the caller has it.
         """
         layers = self.unflatten(theta)
+        slopes = self.tanh_slopes(cache) if slopes is None else slopes
         grads = [None] * len(layers)
         delta = grad_y  # (N, n_out) of the current layer
         for l in reversed(range(len(layers))):
@@ -112,19 +120,21 @@ class MLP:
             h_in = cache[l]
             grads[l] = (h_in.T @ delta, delta.sum(axis=0))
             if l > 0:
-                delta = (delta @ W.T) * (1.0 - h_in ** 2)
+                delta = (delta @ W.T) * slopes[l - 1]  # slopes[l - 1] = 1 - h_in^2
         return self.flatten(grads)
 
-    def jvp(self, theta, cache, v):
+    def jvp(self, theta, cache, v, slopes=None):
         """Jacobian-vector product: (dy/dtheta) v for every sample, shape (N, n_out).
 
         Forward-mode differentiation: push the tangent u = dh/dtheta . v through the
         layers beside the activations. With h_l = tanh(a_l), a_l = h_{l-1} W_l + b_l:
             da_l = h_{l-1} dW_l + db_l + u_{l-1} W_l,    u_l = (1 - h_l^2) * da_l,
-        and u_0 = 0 because the input does not depend on theta.
+        and u_0 = 0 because the input does not depend on theta. `slopes` is tanh_slopes(cache),
+        if the caller has it.
         """
         layers = self.unflatten(theta)
         tangents = self.unflatten(v)
+        slopes = self.tanh_slopes(cache) if slopes is None else slopes
         u = None  # the tangent of the layer's input; u_0 = 0, so the first layer skips its term
         for l, ((W, _), (dW, db)) in enumerate(zip(layers, tangents)):
             da = cache[l] @ dW + db  # (N, n_out)
@@ -132,7 +142,7 @@ class MLP:
                 da += u @ W
             if l == len(layers) - 1:
                 return da  # the output layer is linear
-            u = (1.0 - cache[l + 1] ** 2) * da
+            u = slopes[l] * da  # slopes[l] = 1 - h_{l+1}^2, at this layer's output
 
 
 # ----------------------------------------------------------------------------
@@ -350,14 +360,14 @@ class GaussianPolicy(MLP):
         mu, cache = super().forward(theta, x)
         return np.concatenate([mu, np.broadcast_to(theta[self.mean_params:], mu.shape)], axis=1), cache
 
-    def backward(self, theta, cache, grad_z):
+    def backward(self, theta, cache, grad_z, slopes=None):
         """sum_i grad_z_i^T (dz_i/dtheta): backprop of the mean's part, and the log sigma part summed over rows."""
         d = self.sizes[-1]
-        return np.concatenate([super().backward(theta, cache, grad_z[:, :d]), grad_z[:, d:].sum(axis=0)])
+        return np.concatenate([super().backward(theta, cache, grad_z[:, :d], slopes), grad_z[:, d:].sum(axis=0)])
 
-    def jvp(self, theta, cache, v):
+    def jvp(self, theta, cache, v, slopes=None):
         """(dz/dtheta) v for every row: the MLP's jvp of the mean's part, and v's log sigma part in every row."""
-        mean_u = super().jvp(theta, cache, v)
+        mean_u = super().jvp(theta, cache, v, slopes)
         return np.concatenate([mean_u, np.broadcast_to(v[self.mean_params:], mean_u.shape)], axis=1)
 
 

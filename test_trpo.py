@@ -127,6 +127,31 @@ def test_backward_is_the_transpose_of_jvp(small_net, rng):
     assert np.isclose(np.sum(net.jvp(theta, cache, v) * w), v @ net.backward(theta, cache, w), rtol=1e-12)
 
 
+def test_tanh_slopes_are_tanh_derivatives_and_the_passes_use_them_when_given(small_net, rng):
+    """MLP.tanh_slopes(cache) is tanh' at each hidden layer's pre-activation (central finite differences, to
+    1e-8); jvp and backward given those slopes return exactly what they compute without them (for an MLP and a
+    GaussianPolicy), and given other slopes something else: they use what they are given (trpo_step computes
+    the slopes once for all its Fisher-vector products)."""
+    net, theta, x = small_net
+    _, cache = net.forward(theta, x)
+    slopes = net.tanh_slopes(cache)
+    assert len(slopes) == len(net.sizes) - 2
+    for l, ((W, b), h_in) in enumerate(zip(net.unflatten(theta)[:-1], cache)):
+        a, eps = h_in @ W + b, 1e-5
+        assert np.allclose(slopes[l], (np.tanh(a + eps) - np.tanh(a - eps)) / (2 * eps), rtol=0, atol=1e-8)
+    gaussian = GaussianPolicy(net.sizes)
+    for network, params in ((net, theta), (gaussian, np.concatenate([theta, [-0.5, 0.2, 0.1]]))):
+        v = rng.standard_normal(network.num_params)
+        z, cache = network.forward(params, x)
+        w = rng.standard_normal(z.shape)
+        given = network.tanh_slopes(cache)
+        assert np.array_equal(network.jvp(params, cache, v, given), network.jvp(params, cache, v))
+        assert np.array_equal(network.backward(params, cache, w, given), network.backward(params, cache, w))
+        ones = [np.ones_like(slope) for slope in given]
+        assert not np.allclose(network.jvp(params, cache, v, ones), network.jvp(params, cache, v))
+        assert not np.allclose(network.backward(params, cache, w, ones), network.backward(params, cache, w))
+
+
 # ----------------------------------------------------------------------------
 # network.py: categorical distributions (log-softmax, entropy, KL and its direction, sampling,
 # the Fisher in logit space)

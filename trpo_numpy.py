@@ -374,7 +374,7 @@ def mean_kl(logits_old, logits_new, dist=Categorical):
 # 4.-6. The step: conjugate gradient, maximal step, line search (Appendix C)
 # ----------------------------------------------------------------------------
 
-def fisher_vector_product(net, theta, cache, logits, v, damping):
+def fisher_vector_product(net, theta, cache, logits, v, damping, slopes=None):
     """(F + damping I) v without forming F (Appendix C.1).
 
     F = (1/N) sum_i J_i^T M_i J_i is the Hessian of KLbar at theta_old, J_i = dz_i/dtheta and
@@ -383,10 +383,11 @@ def fisher_vector_product(net, theta, cache, logits, v, damping):
       u = J v            forward-mode pass (net.jvp)                 # (N, A), or (N, 2d) for a Gaussian
       w = M u, row by row (net.distribution.fisher_product)           # the same shape
       F v = J^T w / N    one ordinary backward pass (net.backward)    # (num_params,)
+    `slopes` (net.tanh_slopes(cache)) is passed on to both passes, if the caller has it.
     """
-    u = net.jvp(theta, cache, v)
+    u = net.jvp(theta, cache, v, slopes)
     w = net.distribution.fisher_product(logits, u)
-    return net.backward(theta, cache, w) / len(logits) + damping * v
+    return net.backward(theta, cache, w, slopes) / len(logits) + damping * v
 
 
 def conjugate_gradient(matrix_vector_product, b, iters, residual_tol=1e-10):
@@ -471,9 +472,10 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     # (the forward pass's cache holds every layer's input: its every k-th row is that state's)
     fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]
     fisher_logits = logits_old[::cfg.fisher_subsample]
+    fisher_slopes = net.tanh_slopes(fisher_cache)  # tanh' of each layer, the same in every product: once
 
     def Fvp(v):
-        return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping)
+        return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping, fisher_slopes)
     x = conjugate_gradient(Fvp, g, cfg.cg_iters)
 
     # 3. step size from the quadratic model of the KL: 1/2 (beta x)^T (F + damping I) (beta x) = delta
