@@ -14,7 +14,7 @@ policy's mean return over evaluation episodes on seeds training never used,
 greedy (most likely action, or a Gaussian's mean) and sampled.
 
 Vine (--scheme vine), per seed, with the vine's defaults (it stops once the rolling
-100-episode trunk mean reaches 250 on LunarLander, past the target of 200, or the target
+100-episode trunk mean reaches 240 on LunarLander, past the target of 200, or the target
 elsewhere; or after 150 iterations, or after --total-steps trunk steps when that is given):
 iterations, trunk env steps, all simulated steps (trunk and branches) and wall seconds to the
 target; the simulator's utilisation, i.e. trunk and branch steps per
@@ -116,7 +116,7 @@ def first_crossing(history, threshold):
 def seed_config(scheme, seed, total_steps, out, env=DEFAULT_ENV, target=None):
     """One seed's Config: the defaults of the scheme and of env's actions, and total_steps when the user gave
     --total-steps (else the single path's 1,000,000 steps, or the vine's at most VINE_ITERATIONS iterations).
-    A vine run stops where its defaults stop it (LunarLander-v3: 250, trpo_numpy.VINE_STOP_RETURN), but never
+    A vine run stops where its defaults stop it (LunarLander-v3: 240, trpo_numpy.VINE_STOP_RETURN), but never
     before target; with no default (an environment without a reward threshold), at target."""
     given = {} if total_steps is None else {"total_steps": total_steps}
     cfg = T.scheme_config(scheme, seed=seed, out=out, env=env, **given)
@@ -327,7 +327,7 @@ def build_parser():
     parser.add_argument("--target", type=cli.number(float), default=None,
                         help="the rolling return that counts as solved; by default the environment's reward "
                              "threshold (LunarLander: 200). The vine stops where its defaults stop it (LunarLander: "
-                             "250), or at the target if that is higher or there is no default")
+                             "240), or at the target if that is higher or there is no default")
     parser.add_argument("--seeds", type=cli.number(int), nargs="+", default=list(range(10)),
                         help="training seeds, one run each")
     parser.add_argument("--total-steps", type=cli.number(int), default=None,

@@ -93,12 +93,12 @@ def test_help_explains_every_flag():
 
 
 def test_a_vine_run_by_default_stops_once_solved_or_after_its_iteration_budget():
-    """scheme_config: the vine stops at 250 on LunarLander-v3 (past its reward threshold of 200: VINE_STOP_RETURN),
+    """scheme_config: the vine stops at 240 on LunarLander-v3 (past its reward threshold of 200: VINE_STOP_RETURN),
     at the reward threshold elsewhere (CartPole-v1's 475, LunarLanderContinuous-v3's 200), and runs
     VINE_ITERATIONS batches; values given explicitly win; the single-path scheme is the plain Config, with no
     stop return."""
     vine = T.scheme_config("vine")
-    assert vine.stop_return == 250 and T.reward_threshold("LunarLander-v3") == 200
+    assert vine.stop_return == 240 and T.reward_threshold("LunarLander-v3") == 200
     assert T.scheme_config("vine", env="LunarLanderContinuous-v3").stop_return == 200
     assert vine.total_steps == T.VINE_ITERATIONS * vine.batch_size
     assert T.scheme_config("vine", env="CartPole-v1").stop_return == 475
@@ -109,7 +109,7 @@ def test_a_vine_run_by_default_stops_once_solved_or_after_its_iteration_budget()
 
 
 def test_a_run_stopped_past_the_threshold_says_where_it_passed_each(tmp_path, capsys, monkeypatch):
-    """A run whose --stop-return lies past the environment's threshold (as the vine's 250 does past
+    """A run whose --stop-return lies past the environment's threshold (as the vine's 240 does past
     LunarLander's 200) ends by naming the iteration at which its rolling mean reached each; here CartPole-v1
     with its threshold taken as 15 and --stop-return 30."""
     import signal
@@ -1318,9 +1318,9 @@ def test_bench_total_steps_applies_to_the_vine(fast_bench, capsys, monkeypatch):
 
 
 def test_bench_vine_stops_where_the_vine_does_and_never_before_the_target(bench_module):
-    """bench.seed_config: a vine seed stops where the vine's defaults stop it (250 on LunarLander-v3, past the
+    """bench.seed_config: a vine seed stops where the vine's defaults stop it (240 on LunarLander-v3, past the
     target of 200), at a --target above that, and at the target where there is no default (Pendulum-v1)."""
-    assert bench_module.seed_config("vine", 0, None, "", target=200).stop_return == 250
+    assert bench_module.seed_config("vine", 0, None, "", target=200).stop_return == 240
     assert bench_module.seed_config("vine", 0, None, "", target=260).stop_return == 260
     assert bench_module.seed_config("vine", 0, None, "", env="Pendulum-v1", target=-300).stop_return == -300
     assert bench_module.seed_config("single", 0, None, "", target=200).stop_return is None
