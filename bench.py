@@ -108,11 +108,6 @@ def restore_cost(cfg, branches=100):
     return seconds / branches, steps / branches
 
 
-def first_crossing(history, threshold):
-    """The first iteration's row whose rolling return reached threshold, else None."""
-    return next((row for row in history if row["rolling_return"] >= threshold), None)
-
-
 def seed_config(scheme, seed, total_steps, out, env=DEFAULT_ENV, target=None):
     """One seed's Config: the defaults of the scheme and of env's actions, and total_steps when the user gave
     --total-steps (else the single path's 1,000,000 steps, or the vine's at most VINE_ITERATIONS iterations).
@@ -135,7 +130,7 @@ def bench_seed(cfg, eval_episodes, target):
     # the run is compared with is the mean of one measure just before it and one just after.
     ceiling_after = raw_ceiling(cfg.env, seed=seed)
     ceiling = (ceiling_before + ceiling_after) / 2
-    solved = first_crossing(history, target)
+    solved = T.first_crossing(history, target)
     last = history[-1]
     result = {
         "seed": seed,

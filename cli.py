@@ -436,7 +436,7 @@ def main(argv, trpo):
         return parallel.exit_code_of_stop()
     if trpo.solved(history, cfg.stop_return):
         threshold = reward_threshold(cfg.env)  # the vine stops past it on LunarLander (trpo.VINE_STOP_RETURN)
-        first = next((row for row in history if threshold is not None and row["rolling_return"] >= threshold), None)
+        first = trpo.first_crossing(history, threshold)
         if first is not None and threshold < cfg.stop_return:
             print(f"solved: the rolling return reached {threshold:g}, the environment's threshold, at iteration "
                   f"{first['iteration']}, and --stop-return {cfg.stop_return:g} at iteration {history[-1]['iteration']}.")

@@ -647,6 +647,11 @@ def solved(history, stop_return):
     return stop_return is not None and bool(history) and history[-1]["rolling_return"] >= stop_return
 
 
+def first_crossing(history, threshold):
+    """The first iteration's row whose rolling return reached threshold, else None (also if threshold is None)."""
+    return next((row for row in history if threshold is not None and row["rolling_return"] >= threshold), None)
+
+
 def train(cfg, verbose=True, resume=None, progress_bar=True):
     """Train a policy with TRPO, writing progress.csv, config.json, checkpoint.npz, policy.npz and
     plots to cfg.out_dir(). `resume` is a snapshot (read_checkpoint) to continue from. verbose
