@@ -27,6 +27,7 @@ import os
 import pickle
 import select
 import signal
+import sys
 import time
 import traceback
 
@@ -90,11 +91,23 @@ def stop_on_signals(interrupt=True):
     """Ctrl-C and SIGTERM (kill, a cluster's time limit) stop a run: each raises KeyboardInterrupt,
     and is remembered. Remembered because Python raises the interrupt in whatever code runs at that
     moment, and some code discards the errors of what it calls (the initialisation of some compiled
-    modules, during an import): raise_if_stop_requested() then stops the run at its next check.
+    modules, during an import; a garbage collector's callback, whose error Python prints as a traceback
+    and drops, which _drop_lost_interrupt keeps quiet): raise_if_stop_requested() then stops the run
+    at its next check.
     With interrupt=False they are only remembered: for the start of a program, still importing,
     where an interrupt would end in a traceback."""
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _stop if interrupt else _note_stop)
+    sys.unraisablehook = _drop_lost_interrupt
+
+
+def _drop_lost_interrupt(unraisable):
+    """Python's hook for an error it cannot raise (one in a __del__ or a weakref callback): it prints a
+    traceback and goes on. Our own KeyboardInterrupt raised there is dropped quietly, because it is
+    remembered and raise_if_stop_requested() stops the run; any other error is printed as usual."""
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and _stop_requested:
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def raise_if_stop_requested():

@@ -392,6 +392,36 @@ def test_a_ctrl_c_lost_in_library_code_still_stops_the_run():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
+def test_a_ctrl_c_in_a_garbage_collector_callback_prints_no_traceback():
+    """A Ctrl-C that lands in a __del__ (or a weakref callback), where Python cannot raise it and prints
+    it as a traceback instead: with parallel.stop_on_signals nothing is printed, the stop is still
+    remembered, and another error in a __del__ is printed as Python prints it."""
+    script = """if True:
+        import os, signal, parallel
+        parallel.stop_on_signals()
+        class Interrupted:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # the interrupt is raised in here, inside __del__
+                    pass
+        class Failing:
+            def __del__(self):
+                raise ValueError("an error of its own")
+        Interrupted()
+        print("went on")
+        try:
+            parallel.raise_if_stop_requested()
+        except KeyboardInterrupt:
+            print("stopped")
+        Failing()
+    """
+    result = run_python(script)
+    assert result.stdout.split() == ["went", "on", "stopped"], result.stdout + result.stderr
+    assert "KeyboardInterrupt" not in result.stderr
+    assert "ValueError: an error of its own" in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
 def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
     """Ctrl-C every 30 ms until the run has stopped: exit code 130, no traceback, a 'one moment' notice and
     the --resume command; the checkpoint (iteration >= 3) and policy.npz are written and no .tmp file is
