@@ -93,13 +93,13 @@ def test_help_explains_every_flag():
 
 
 def test_a_vine_run_by_default_stops_once_solved_or_after_its_iteration_budget():
-    """scheme_config: the vine stops at 240 on LunarLander-v3 (past its reward threshold of 200: VINE_STOP_RETURN),
-    at the reward threshold elsewhere (CartPole-v1's 475, LunarLanderContinuous-v3's 200), and runs
+    """scheme_config: the vine stops at 240 on LunarLander-v3 and LunarLanderContinuous-v3 (past their reward
+    threshold of 200: VINE_STOP_RETURN), at the reward threshold elsewhere (CartPole-v1's 475), and runs
     VINE_ITERATIONS batches; values given explicitly win; the single-path scheme is the plain Config, with no
     stop return."""
     vine = T.scheme_config("vine")
     assert vine.stop_return == 240 and T.reward_threshold("LunarLander-v3") == 200
-    assert T.scheme_config("vine", env="LunarLanderContinuous-v3").stop_return == 200
+    assert T.scheme_config("vine", env="LunarLanderContinuous-v3").stop_return == 240
     assert vine.total_steps == T.VINE_ITERATIONS * vine.batch_size
     assert T.scheme_config("vine", env="CartPole-v1").stop_return == 475
     given = T.scheme_config("vine", total_steps=5000, stop_return=100.0, num_envs=3)
