@@ -9,7 +9,7 @@ second copy of it. What is here:
   CONTINUOUS_DEFAULTS give it another;
 * `validate`: every value the algorithm cannot run with, refused in one sentence;
 * environments by name (`make_env`, `env_dims`, `reward_threshold`), what a user can get wrong
-  said in one sentence;
+  said in one sentence; `direct_step`, a vine branch's cheaper env.step;
 * the rules of --resume (which settings may change) and of --eval (which options go with it);
 * evaluation (`load_policy`, `act`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
 * exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
@@ -240,6 +240,33 @@ def make_env(env_id, render_mode=None):
         low, high = space.low.astype(np.float64), space.high.astype(np.float64)
         env = gym.wrappers.TransformAction(env, lambda action: np.minimum(np.maximum(action, low), high), space)
     return env
+
+
+def direct_step(env):
+    """env.step, without the cost of Gymnasium's standard wrappers: a function that steps env.unwrapped and
+    does what the one standard wrapper that acts in mid-episode does, the time limit, counted from where
+    env's episode is now. (Measured here: 40 microseconds a LunarLander step through the wrappers, 32
+    without.) It leaves env's own step count behind, so it is for a copy of env that is thrown away after
+    (a vine branch in a forked process) or reset before its next use (the replay's spare environment). If
+    env has any other wrapper (one that changes actions, observations or rewards), it is env.step itself."""
+    import gymnasium as gym
+    standard = (gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gym.wrappers.PassiveEnvChecker)
+    wrappers, inner = [], env
+    while isinstance(inner, gym.Wrapper):
+        wrappers.append(inner)
+        inner = inner.env
+    if any(type(wrapper) not in standard for wrapper in wrappers):
+        return env.step
+    limits = [w for w in wrappers if isinstance(w, gym.wrappers.TimeLimit)]
+    steps_left = min([w._max_episode_steps - w._elapsed_steps for w in limits], default=float("inf"))
+    simulator = env.unwrapped
+
+    def step(action):
+        nonlocal steps_left
+        obs, reward, terminated, truncated, info = simulator.step(action)
+        steps_left -= 1
+        return obs, reward, terminated, truncated or steps_left <= 0, info
+    return step
 
 
 def env_dims(env_id):

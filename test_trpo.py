@@ -1050,6 +1050,29 @@ def test_every_branch_of_a_rollout_state_gets_that_states_stream_of_uniforms(mon
 # The vine (TRPO Sec. 5.2), 2: a branch's return and lambda-return
 # ----------------------------------------------------------------------------
 
+def test_direct_step_steps_as_the_wrapped_environment_does_up_to_its_time_limit():
+    """cli.direct_step, which vine branches step with: from the middle of an episode it gives the same
+    observations, rewards and ends as env.step itself, the time limit's truncation included at the same
+    step (a LunarLander with a limit of 40 steps, falling, branched after 15); with a wrapper beyond
+    Gymnasium's standard ones (the clip of continuous actions) it is env.step itself."""
+    def falling_lander():
+        env = gym.make("LunarLander-v3", max_episode_steps=40)
+        env.reset(seed=3)
+        for _ in range(15):
+            env.step(0)
+        return env
+    wrapped, direct = falling_lander(), falling_lander()
+    step = cli.direct_step(direct)
+    for k in range(30):
+        expected, got = wrapped.step(k % 4), step(k % 4)
+        assert np.array_equal(expected[0], got[0]) and expected[1:4] == got[1:4], k
+        if expected[2] or expected[3]:
+            break
+    assert expected[3] and not expected[2] and k == 24  # truncated at the limit, 15 + 25 = 40 steps
+    continuous = cli.make_env("LunarLanderContinuous-v3")
+    assert cli.direct_step(continuous) == continuous.step
+
+
 def test_branch_rollout_discounts_and_bootstraps(rng):
     """A CartPole branch pays 1 per step: with V = 5 everywhere, Q of a 10-step branch is the closed form (1 -
     g^10) / (1 - g) + g^10 * 5 (checked only if the branch ran all 10 steps), and without a value function Q

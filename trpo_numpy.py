@@ -36,6 +36,8 @@ parallel.set_up_process(main=__name__ == "__main__")
 
 import concurrent.futures
 import dataclasses
+import itertools
+import math
 import os
 import sys
 import time
@@ -45,7 +47,7 @@ import numpy as np
 
 import cli
 import run_files
-from cli import EVAL_SEED_BASE, env_dims, make_env, reward_threshold  # environments by name, errors in a sentence
+from cli import EVAL_SEED_BASE, direct_step, env_dims, make_env, reward_threshold  # environments by name
 from network import MLP, Adam, Categorical, DiagonalGaussian, policy_network, softmax
 from run_files import UserError
 
@@ -793,7 +795,8 @@ def branch_rollout(env, first_action, net, theta, noise, gamma, value_fn=None, l
     """
     layers = net.unflatten(theta)  # split once: each step's policy pass is then three small products
     sigma = np.exp(theta[net.mean_params:]) if net.distribution is DiagonalGaussian else None
-    obs, reward, terminated, truncated, _ = env.step(first_action)
+    step = direct_step(env)  # env.step, past Gymnasium's wrappers (cli.py): branches are most of the vine's steps
+    obs, reward, terminated, truncated, _ = step(first_action)
     rewards, observations = [reward], [obs]
     while len(rewards) < len(noise) and not (terminated or truncated):
         h = np.asarray(obs, dtype=np.float64)  # (D,): one state, so vector-matrix products
@@ -804,11 +807,15 @@ def branch_rollout(env, first_action, net, theta, noise, gamma, value_fn=None, l
         if sigma is not None:  # a Gaussian policy: z is the mean, a = mu + sigma * n
             action = z + sigma * noise[len(rewards)]
         else:
-            # network.sample's rule for one state, without its batch shapes: the action is the number
-            # of entries of the (unnormalised) cumulative distribution below u times its total
-            cdf = np.cumsum(np.exp(z - z.max()))
-            action = int(np.count_nonzero(noise[len(rewards)] * cdf[-1] > cdf))
-        obs, reward, terminated, truncated, _ = env.step(action)
+            # network.sample's rule for one state: the action is the number of entries of the
+            # (unnormalised) cumulative distribution below u times its total; in plain Python,
+            # because for a few numbers that is a quarter of the time of NumPy's calls
+            logits = z.tolist()
+            largest = max(logits)
+            cdf = list(itertools.accumulate(math.exp(x - largest) for x in logits))
+            threshold = float(noise[len(rewards)]) * cdf[-1]
+            action = sum(c < threshold for c in cdf)
+        obs, reward, terminated, truncated, _ = step(action)
         rewards.append(reward)
         observations.append(obs)
     if value_fn is None:
