@@ -91,9 +91,9 @@ def stop_on_signals(interrupt=True):
     """Ctrl-C and SIGTERM (kill, a cluster's time limit) stop a run: each raises KeyboardInterrupt,
     and is remembered. Remembered because Python raises the interrupt in whatever code runs at that
     moment, and some code discards the errors of what it calls (the initialisation of some compiled
-    modules, during an import; a garbage collector's callback, whose error Python prints as a traceback
-    and drops, which _drop_lost_interrupt keeps quiet): raise_if_stop_requested() then stops the run
-    at its next check.
+    modules, during an import; a __del__ or a weakref callback, whose error Python prints as a
+    traceback and drops, which _drop_lost_interrupt keeps quiet): raise_if_stop_requested() then stops
+    the run at its next check.
     With interrupt=False they are only remembered: for the start of a program, still importing,
     where an interrupt would end in a traceback."""
     for stop_signal in STOP_SIGNALS:

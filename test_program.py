@@ -392,7 +392,7 @@ def test_a_ctrl_c_lost_in_library_code_still_stops_the_run():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals")
-def test_a_ctrl_c_in_a_garbage_collector_callback_prints_no_traceback():
+def test_a_ctrl_c_in_a_del_or_weakref_callback_prints_no_traceback():
     """A Ctrl-C that lands in a __del__ (or a weakref callback), where Python cannot raise it and prints
     it as a traceback instead: with parallel.stop_on_signals nothing is printed, the stop is still
     remembered, and another error in a __del__ is printed as Python prints it."""
