@@ -111,7 +111,7 @@ def restore_cost(cfg, branches=100):
 def seed_config(scheme, seed, total_steps, out, env=DEFAULT_ENV, target=None):
     """One seed's Config: the defaults of the scheme and of env's actions, and total_steps when the user gave
     --total-steps (else the single path's 1,000,000 steps, or the vine's at most VINE_ITERATIONS iterations).
-    A vine run stops where its defaults stop it (LunarLander-v3: 240, trpo_numpy.VINE_STOP_RETURN), but never
+    A vine run stops where its defaults stop it (both landers: 240, trpo_numpy.VINE_STOP_RETURN), but never
     before target; with no default (an environment without a reward threshold), at target."""
     given = {} if total_steps is None else {"total_steps": total_steps}
     cfg = T.scheme_config(scheme, seed=seed, out=out, env=env, **given)

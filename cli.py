@@ -9,7 +9,7 @@ second copy of it. What is here:
   CONTINUOUS_DEFAULTS give it another;
 * `validate`: every value the algorithm cannot run with, refused in one sentence;
 * environments by name (`make_env`, `env_dims`, `reward_threshold`), what a user can get wrong
-  said in one sentence; `direct_step`, a vine branch's cheaper env.step;
+  said in one sentence; `direct_step`, a vine branch's cheaper env.step (discrete actions);
 * the rules of --resume (which settings may change) and of --eval (which options go with it);
 * evaluation (`load_policy`, `act`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
 * exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
@@ -248,7 +248,8 @@ def direct_step(env):
     env's episode is now. (Measured here: 40 microseconds a LunarLander step through the wrappers, 32
     without.) It leaves env's own step count behind, so it is for a copy of env that is thrown away after
     (a vine branch in a forked process) or reset before its next use (the replay's spare environment). If
-    env has any other wrapper (one that changes actions, observations or rewards), it is env.step itself."""
+    env has any other wrapper (one that changes actions, observations or rewards, as make_env's clip of
+    continuous actions does), it is env.step itself."""
     import gymnasium as gym
     standard = (gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gym.wrappers.PassiveEnvChecker)
     wrappers, inner = [], env
@@ -257,6 +258,7 @@ def direct_step(env):
         inner = inner.env
     if any(type(wrapper) not in standard for wrapper in wrappers):
         return env.step
+    # TimeLimit's count is in private fields (Gymnasium 1.x); renamed, they fail here loudly, not silently
     limits = [w for w in wrappers if isinstance(w, gym.wrappers.TimeLimit)]
     steps_left = min([w._max_episode_steps - w._elapsed_steps for w in limits], default=float("inf"))
     simulator = env.unwrapped

@@ -96,18 +96,24 @@ def stop_on_signals(interrupt=True):
     the run at its next check.
     With interrupt=False they are only remembered: for the start of a program, still importing,
     where an interrupt would end in a traceback."""
+    global _unraisablehook_before
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _stop if interrupt else _note_stop)
-    sys.unraisablehook = _drop_lost_interrupt
+    if sys.unraisablehook is not _drop_lost_interrupt:
+        _unraisablehook_before, sys.unraisablehook = sys.unraisablehook, _drop_lost_interrupt
+
+
+_unraisablehook_before = sys.__unraisablehook__  # the hook _drop_lost_interrupt hands every other error to
 
 
 def _drop_lost_interrupt(unraisable):
     """Python's hook for an error it cannot raise (one in a __del__ or a weakref callback): it prints a
-    traceback and goes on. Our own KeyboardInterrupt raised there is dropped quietly, because it is
-    remembered and raise_if_stop_requested() stops the run; any other error is printed as usual."""
+    traceback and goes on. A KeyboardInterrupt raised there once a Ctrl-C or SIGTERM has been noted (the
+    one our handler raised) is dropped quietly, because it is remembered and raise_if_stop_requested()
+    stops the run; any other error goes to the hook that was there before (Python's prints it)."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt) and _stop_requested:
         return
-    sys.__unraisablehook__(unraisable)
+    _unraisablehook_before(unraisable)
 
 
 def raise_if_stop_requested():
