@@ -364,6 +364,9 @@ MUTANTS = [
     Mutant("trpo_numpy.py", "gamma ** np.arange(len(rewards))", "gamma ** np.arange(1, len(rewards) + 1)",
            ["test_branch_rollout_discounts_and_bootstraps"],
            "the branch's Monte-Carlo Q discounts its first reward too"),
+    Mutant("network.py", "threshold = float(u) * cdf[-1]", "threshold = float(u)",
+           ["test_sample_one_draws_the_action_sample_draws"],
+           "a vine branch's draw compares u with the unnormalised cumulative sum, not u times its total"),
     # The network's derivatives
     Mutant("network.py", "grads[l] = (h_in.T @ delta, delta.sum(axis=0))",
            "grads[l] = (h_in.T @ delta, delta.mean(axis=0))",
