@@ -69,6 +69,7 @@ def keep_freed_memory():
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _stop_requested = 0  # the first Ctrl-C (SIGINT) or SIGTERM noted once stop_on_signals is in place
+_unraisablehook_before = sys.__unraisablehook__  # the hook _drop_lost_interrupt hands every other error to
 
 
 def _note_stop(signum, frame):
@@ -101,9 +102,6 @@ def stop_on_signals(interrupt=True):
         signal.signal(stop_signal, _stop if interrupt else _note_stop)
     if sys.unraisablehook is not _drop_lost_interrupt:
         _unraisablehook_before, sys.unraisablehook = sys.unraisablehook, _drop_lost_interrupt
-
-
-_unraisablehook_before = sys.__unraisablehook__  # the hook _drop_lost_interrupt hands every other error to
 
 
 def _drop_lost_interrupt(unraisable):

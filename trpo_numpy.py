@@ -651,7 +651,9 @@ def solved(history, stop_return):
 
 def first_crossing(history, threshold):
     """The first iteration's row whose rolling return reached threshold, else None (also if threshold is None)."""
-    return next((row for row in history if threshold is not None and row["rolling_return"] >= threshold), None)
+    if threshold is None:
+        return None
+    return next((row for row in history if row["rolling_return"] >= threshold), None)
 
 
 def train(cfg, verbose=True, resume=None, progress_bar=True):
