@@ -1,7 +1,7 @@
 """bench.py: how fast TRPO learns an environment (LunarLander-v3 by default), how near the simulator's speed.
 
 Each seed (by default 0 to 9) trains with the default settings of the scheme and of the environment's
-actions (trpo_numpy.Config, SCHEME_DEFAULTS and CONTINUOUS_DEFAULTS), and --total-steps when given.
+actions (trpo_numpy.Config and DEFAULTS), and --total-steps when given.
 Measured in the same process, just before that seed's run and again just after it: the raw stepping
 rate of the simulator as cli.make_env builds it (one environment, random actions); the mean of the two is the ceiling
 that training is compared with. The target is the environment's reward threshold (LunarLander: 200),
@@ -42,6 +42,7 @@ Usage:
 Exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -51,8 +52,10 @@ import parallel  # first: it sets up the process (BLAS threads; Ctrl-C noted whi
 parallel.set_up_process(main=__name__ == "__main__")
 import trpo_numpy as T
 import cli
+import engine
 import run_files
 import numpy as np
+from diagnostics import first_crossing
 from network import policy_network
 from run_files import UserError
 
@@ -101,7 +104,7 @@ def restore_cost(cfg, branches=100):
                 env.reset(seed=k)
         noise = net.distribution.noise(rng, num_actions, (cfg.vine_horizon,))
         start = time.perf_counter()
-        pool.submit(k, lambda: T.branch_rollout(env, engines_off, net, theta, noise, cfg.gamma))
+        pool.submit(k, lambda: T.branch_rollout(env, engines_off, engine.one_state_policy(net, theta), noise, cfg.gamma))
         steps += pool.gather()[k][1]
         seconds += time.perf_counter() - start
     env.close()
@@ -125,12 +128,12 @@ def bench_seed(cfg, eval_episodes, target):
     with the first iteration whose rolling return reached target."""
     scheme, seed = cfg.scheme, cfg.seed
     ceiling_before = raw_ceiling(cfg.env, seed=seed)
-    net, theta, history = T.train(cfg, verbose=False)
+    net, theta, history = cli.train(cfg, verbose=False)
     # The machine's speed drifts (a shared virtual machine's by 30% within minutes): the ceiling
     # the run is compared with is the mean of one measure just before it and one just after.
     ceiling_after = raw_ceiling(cfg.env, seed=seed)
     ceiling = (ceiling_before + ceiling_after) / 2
-    solved = T.first_crossing(history, target)
+    solved = first_crossing(history, target)
     last = history[-1]
     result = {
         "seed": seed,
@@ -293,7 +296,7 @@ def trust_region_demo(seed, total_steps, folder, paths):
     try:
         for trust_region, label in TRUST_REGION_RUNS:
             out = run_files.new_numbered_folder(os.path.join(folder, "runs", f"trust-region-{trust_region}"))
-            history = T.train(trust_region_config(seed, trust_region, total_steps, out), verbose=False)[2]
+            history = cli.train(trust_region_config(seed, trust_region, total_steps, out), verbose=False)[2]
             steps = [row["env_steps"] for row in history]
             left.plot(steps, [row["rolling_return"] for row in history], label=label)
             right.semilogy(steps, [row["kl"] for row in history], ".", label=label)
@@ -358,10 +361,10 @@ def check_arguments(args):
         raise UserError(f"--out '{args.out}' is a file, not a folder.")
     if args.trust_region_demo and args.env != DEFAULT_ENV:
         raise UserError(f"--trust-region-demo runs on {DEFAULT_ENV} only; leave out --env.")
+    cli.make_env(args.env).close()  # an unknown or unusable environment says so first, in one sentence
     if args.target is None:
         args.target = cli.reward_threshold(args.env)
         if args.target is None:
-            cli.make_env(args.env).close()  # an unknown id says so first, in one sentence
             raise UserError(f"{args.env} has no reward threshold; give the return that counts as solved with --target.")
     elif not np.isfinite(args.target):
         raise UserError(f"--target must be a finite number, got {args.target}.")
@@ -427,7 +430,7 @@ class Benchmark:
                    f"{'' if done == list(args.seeds) else f' (seeds finished so far: {done})'}.\n\n{table}\n")
         config = seed_config(args.scheme, 0, args.total_steps, "", args.env, args.target)  # but for seed and out
         write_text(os.path.join(folder, f"{self.name}.json"),
-                   json.dumps({"command": self.command, "config": T.dataclasses.asdict(config),
+                   json.dumps({"command": self.command, "config": dataclasses.asdict(config),
                                "results": results}, indent=1))
         plot_curves(results, args.scheme, args.env, args.target,
                     [os.path.join(plots or folder, f"{self.name}_learning_curves.png")])

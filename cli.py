@@ -1,29 +1,38 @@
-"""cli.py: the command line of trpo_numpy.py, and evaluation. A reader of the TRPO paper can skip this file.
+"""cli.py: the command line of trpo_numpy.py, the training run it starts, and evaluation. A reader of the
+TRPO paper can skip this file: the algorithm is trpo_numpy.py's, run fast by engine.py.
 
-`python trpo_numpy.py [options]` runs `main` here. It is handed the trpo_numpy module rather
-than importing it: that file runs as the program (__main__), and an import would load a
-second copy of it. What is here:
+`python trpo_numpy.py [options]` runs `main` here (trpo_numpy.py hands over at once, so that this
+file sets up the process first). What is here:
 
-* `build_parser`: the options, generated from trpo_numpy.Config: each field's one line of
-  help, its default, and the vine's and continuous actions' defaults where SCHEME_DEFAULTS and
-  CONTINUOUS_DEFAULTS give it another;
+* `build_parser`: the options, generated from trpo_numpy.Config: each field's one line of help,
+  its default, and the defaults of the vine and of continuous actions where trpo_numpy.DEFAULTS
+  gives others;
 * `validate`: every value the algorithm cannot run with, refused in one sentence;
-* environments by name (`make_env`, `env_dims`, `reward_threshold`), what a user can get wrong
-  said in one sentence; `direct_step`, a vine branch's cheaper env.step (discrete actions);
+* environments by name (`make_env`, `env_dims`, `reward_threshold`): what a user can get wrong
+  (an unknown id, a missing package, a space the policy cannot handle) said in one sentence;
+* `train`: a training run as the command line makes it: engine.py's iterations, with the run's
+  folder, progress.csv, checkpoints and plots (run_files.py), --resume, and Ctrl-C;
 * the rules of --resume (which settings may change) and of --eval (which options go with it);
 * evaluation (`load_policy`, `act`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
 * exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
 """
 
+import parallel  # first: it sets up the process (BLAS threads, memory, Ctrl-C) before NumPy loads
+
+parallel.set_up_process(main=__name__ == "__main__")
+
 import argparse
 import dataclasses
 import os
 import sys
+import time
 
 import numpy as np
 
-import parallel
+import engine
 import run_files
+import trpo_numpy as trpo
+from diagnostics import first_crossing
 from network import policy_network
 from run_files import UserError
 
@@ -70,30 +79,22 @@ def number(kind):
     return convert
 
 
-def scheme_and_action_defaults(trpo, name):
-    """' (vine: ...)' and ' (continuous actions: ...)' where the vine's default of a field, or that of
-    continuous actions (SCHEME_DEFAULTS, CONTINUOUS_DEFAULTS), differs from Config's; else ''."""
-    default, text = getattr(trpo.Config(), name), ""
-    vine = trpo.SCHEME_DEFAULTS["vine"]
-    if name in vine and vine[name] != default:
-        text += f" (vine: {vine[name]})"
+def other_defaults(name):
+    """' (vine: ...; continuous actions, single path: ...)' where trpo_numpy.DEFAULTS gives a field another
+    default than Config's for a scheme or an action space, with the vine's budget and stop; else ''."""
+    default = getattr(trpo.Config(), name)
+    others = [f"{'' if actions == 'discrete' else 'continuous actions, '}{trpo.SCHEME_NAMES[scheme]}: {settings[name]}"
+              for (scheme, actions), settings in trpo.DEFAULTS.items() if settings.get(name, default) != default]
     if name == "total_steps":
-        text += f" (vine: {trpo.VINE_ITERATIONS} iterations' worth)"
+        others.append(f"vine: {trpo.VINE_ITERATIONS} iterations' worth")
     if name == "stop_return":
-        text += (" (vine: " + "".join(f"{value:g} for {env}, " for env, value in trpo.VINE_STOP_RETURN.items())
-                 + "the environment's reward threshold for others)")
-    continuous = {scheme: settings[name] for scheme, settings in trpo.CONTINUOUS_DEFAULTS.items()
-                  if name in settings and settings[name] != default}
-    if len(set(continuous.values())) == 1 and (len(continuous) == 2 or name.startswith("vine_")):
-        text += f" (continuous actions: {next(iter(continuous.values()))})"  # both schemes, or the vine's own
-    else:
-        text += "".join(f" (continuous actions, {trpo.SCHEME_NAMES[scheme]}: {value})"
-                        for scheme, value in continuous.items())
-    return text
+        others.append("vine: " + "".join(f"{value:g} for {env}, " for env, value in trpo.VINE_STOP_RETURN.items())
+                      + "the environment's reward threshold for others")
+    return f" ({'; '.join(others)})" if others else ""
 
 
-def build_parser(trpo, defaults=True):
-    """The command line, generated from trpo.Config so that --help and the defaults cannot drift apart.
+def build_parser(defaults=True):
+    """The command line, generated from trpo_numpy.Config so that --help and the defaults cannot drift apart.
 
     defaults=False leaves out every default: what remains is what the user typed."""
     parser = ArgumentParser(description="Trust Region Policy Optimization (Schulman et al. 2015) in plain NumPy.",
@@ -102,7 +103,7 @@ def build_parser(trpo, defaults=True):
     training = parser.add_argument_group("training (with the papers' symbols)")
     for f in dataclasses.fields(trpo.Config):
         settings = dict(f.metadata)
-        settings["help"] += scheme_and_action_defaults(trpo, f.name)
+        settings["help"] += other_defaults(f.name)
         default = f.default if defaults else argparse.SUPPRESS
         if f.type in ("bool", bool):
             training.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, **settings)
@@ -131,6 +132,7 @@ def build_parser(trpo, defaults=True):
 
 def validate(cfg):
     """Raise UserError, in one sentence, for any value the algorithm cannot run with."""
+    env_dims(cfg.env)  # an environment that cannot be made, or whose spaces cannot be handled
     positive = ["total_steps", "num_envs", "workers", "steps_per_env", "max_kl", "fisher_subsample",
                 "cg_iters", "max_backtracks", "vf_lr", "vf_epochs", "vf_minibatch", "save_every",
                 "vine_states", "vine_horizon"]
@@ -204,18 +206,18 @@ def validate_vine(cfg):
 # Environments by name
 # ----------------------------------------------------------------------------
 
-# Evaluation resets its episodes with seeds from here on; training (trpo_numpy.TRAIN_SEED_LIMIT) below.
-EVAL_SEED_BASE = 2 ** 31
+# Evaluation resets its episodes with seeds from here on; training below (trpo_numpy.TRAIN_SEED_LIMIT).
+EVAL_SEED_BASE = trpo.TRAIN_SEED_LIMIT
 
 
 def make_env(env_id, render_mode=None):
-    """gym.make, with what a user can get wrong (an unknown id, a missing package, an action or
+    """trpo_numpy.make_env, with what a user can get wrong (an unknown id, a missing package, an action or
     observation space this policy cannot handle) said in one sentence rather than deep inside."""
     import gymnasium as gym
     if render_mode == "rgb_array":
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # frames into an array need no display
     try:
-        env = gym.make(env_id, render_mode=render_mode)
+        env = trpo.make_env(env_id, render_mode=render_mode)
     except gym.error.DependencyNotInstalled as e:
         raise UserError(f"environment '{env_id}' needs a package that is not installed: {e}") from None
     except gym.error.Error as e:
@@ -233,53 +235,14 @@ def make_env(env_id, render_mode=None):
         env.close()
         raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
                         "the networks need a flat Box observation.")
-    if flat_box:
-        # A Gaussian's sample can fall outside the bounds: the environment takes it clipped to them,
-        # while training keeps the log-prob of the action sampled (the usual choice). (What
-        # gymnasium's ClipAction does, five times faster on the float64 arrays the samplers pass.)
-        low, high = space.low.astype(np.float64), space.high.astype(np.float64)
-        env = gym.wrappers.TransformAction(env, lambda action: np.minimum(np.maximum(action, low), high), space)
     return env
 
 
-def direct_step(env):
-    """env.step, without the cost of Gymnasium's standard wrappers: a function that steps env.unwrapped and
-    does what the one standard wrapper that acts in mid-episode does, the time limit, counted from where
-    env's episode is now. (Measured here: 40 microseconds a LunarLander step through the wrappers, 32
-    without.) It leaves env's own step count behind, so it is for a copy of env that is thrown away after
-    (a vine branch in a forked process) or reset before its next use (the replay's spare environment). If
-    env has any other wrapper (one that changes actions, observations or rewards, as make_env's clip of
-    continuous actions does), it is env.step itself."""
-    import gymnasium as gym
-    standard = (gym.wrappers.TimeLimit, gym.wrappers.OrderEnforcing, gym.wrappers.PassiveEnvChecker)
-    wrappers, inner = [], env
-    while isinstance(inner, gym.Wrapper):
-        wrappers.append(inner)
-        inner = inner.env
-    if any(type(wrapper) not in standard for wrapper in wrappers):
-        return env.step
-    # TimeLimit's count is in private fields (Gymnasium 1.x); renamed, they fail here loudly, not silently
-    limits = [w for w in wrappers if isinstance(w, gym.wrappers.TimeLimit)]
-    steps_left = min([w._max_episode_steps - w._elapsed_steps for w in limits], default=float("inf"))
-    simulator = env.unwrapped
-
-    def step(action):
-        nonlocal steps_left
-        obs, reward, terminated, truncated, info = simulator.step(action)
-        steps_left -= 1
-        return obs, reward, terminated, truncated or steps_left <= 0, info
-    return step
-
-
 def env_dims(env_id):
-    """(observation size, number of actions or action dimension, continuous?) of env_id, or UserError
-    in one sentence: Discrete actions are counted, a Box's continuous actions measured."""
-    env = make_env(env_id)
-    continuous = not hasattr(env.action_space, "n")
-    dims = (env.observation_space.shape[0], env.action_space.shape[0] if continuous else int(env.action_space.n),
-            continuous)
-    env.close()
-    return dims
+    """trpo_numpy.env_dims, (observation size, number of actions or action dimensions, continuous?), once
+    make_env has found nothing to refuse; or UserError in one sentence."""
+    make_env(env_id).close()
+    return trpo.env_dims(env_id)
 
 
 def reward_threshold(env_id):
@@ -371,10 +334,75 @@ def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
 
 
 # ----------------------------------------------------------------------------
+# A training run, with its files
+# ----------------------------------------------------------------------------
+
+def out_dir(cfg):
+    """The run's folder: --out, or runs/<scheme>-seed<seed> (which train numbers -2, -3, ... if taken)."""
+    return cfg.out or os.path.join("runs", f"{cfg.scheme}-seed{cfg.seed}")
+
+
+def read_checkpoint(path):
+    """(snapshot, Config) of a checkpoint file, for train(cfg, resume=snapshot); or UserError in one sentence."""
+    saved = run_files.read_checkpoint(path)
+    try:
+        cfg = trpo.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
+    except TypeError:
+        raise UserError(f"'{path}' is a checkpoint of another version of trpo_numpy.py.") from None
+    return saved, cfg
+
+
+def train(cfg, verbose=True, resume=None, progress_bar=True):
+    """Train a policy with TRPO as the command line does: trpo_numpy's loop of Sec. 6, its iterations
+    computed by engine.py, writing progress.csv, config.json, checkpoint.npz, policy.npz and plots to
+    out_dir(cfg). `resume` is a snapshot (read_checkpoint) to continue from. verbose prints a log
+    line per iteration, progress_bar draws a bar on a terminal. Ctrl-C (or an error) keeps the last
+    finished iteration.
+
+    Returns (policy_net, theta, history), history one dict per iteration. From Python:
+        net, theta, history = cli.train(trpo_numpy.scheme_config("single", env="CartPole-v1", total_steps=50_000))"""
+    validate(cfg)  # a value the algorithm cannot run with ends here, in one sentence (UserError)
+    learner = trpo.Learner(cfg)
+    run_id = run_files.new_run_id(cfg.seed)  # tells this run from another in a folder
+    if resume is not None:
+        run_id = run_files.restore(learner, resume)
+    run = run_files.RunFolder(
+        out_dir(cfg), not cfg.out, dataclasses.asdict(cfg), run_id, learner.history,
+        resuming=resume is not None, sizes=(learner.policy_net.sizes, learner.value_fn.net.sizes), verbose=verbose,
+        progress_bar=progress_bar,
+        plot_labels=dict(scheme_name=trpo.SCHEME_NAMES[cfg.scheme], solved_at=reward_threshold(cfg.env)))
+    cfg.out = run.out_dir  # without --out, a new folder: runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken
+    if verbose:
+        notes(cfg, learner.env_steps)  # what the run will do otherwise than asked (whole batches, ...)
+    snapshot, sampler = run_files.snapshot(learner, run_id), None
+    start = time.perf_counter() - learner.wall_s
+    try:
+        # After a resume the simulators cannot be restored (Box2D state is not saved): the
+        # environments start new episodes, seeded from the restored generator.
+        sampler = engine.make_sampler(cfg, learner)
+        while not learner.finished():
+            parallel.raise_if_stop_requested()
+            row = engine.train_iteration(learner, sampler)
+            learner.wall_s = row["wall_s"] = time.perf_counter() - start
+            snapshot = run_files.snapshot(learner, run_id)
+            run.record(row, snapshot)  # progress.csv, the log line; every save_every, checkpoint and policy
+    finally:
+        # Whatever stopped the loop (the end, Ctrl-C, an error), keep what the finished iterations
+        # made; a second Ctrl-C waits until that is written.
+        with parallel.signals_held():
+            try:
+                run.finish(snapshot)  # checkpoint.npz, policy.npz, the plots: a run to --resume, even at iteration 0
+            finally:
+                if sampler is not None:
+                    sampler.close()
+    return learner.policy_net, learner.theta, learner.history
+
+
+# ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
 
-def run_config(trpo, args, typed, given):
+def run_config(args, typed, given):
     """The (Config, checkpoint snapshot or None) of a training run: a new one, or --resume's."""
     if not args.resume:
         vine_only = sorted(k for k in given if k.startswith("vine_"))
@@ -382,11 +410,12 @@ def run_config(trpo, args, typed, given):
             raise UserError(f"{flag(vine_only[0])} is for --scheme vine; a single-path run has no branches.")
         if "normalize_advantages" in given and given.get("scheme") == "vine":
             raise UserError("--normalize-advantages is for the single path; the vine's step uses its branches' Q.")
+        env_dims(given.get("env", trpo.Config.env))  # an unknown environment: one sentence, before anything
         cfg = trpo.scheme_config(**given)
         if cfg.out:  # now, before any time is spent (without --out, train makes a new, numbered folder)
             run_files.check_folder_is_free(cfg.out)
         return cfg, None
-    saved, cfg = trpo.read_checkpoint(args.resume)
+    saved, cfg = read_checkpoint(args.resume)
     fixed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != getattr(cfg, k))
     if fixed:
         raise UserError(f"{flag(fixed[0])} cannot change when resuming; the run keeps its saved settings.")
@@ -416,10 +445,10 @@ def notes(cfg, steps_done=0):
                    f"every trunk state is a rollout state.", file=sys.stderr)
 
 
-def main(argv, trpo):
-    """The command line: train (or --resume), or --eval, with the algorithm module trpo; returns the exit code."""
-    args = build_parser(trpo).parse_args(argv)
-    typed = vars(build_parser(trpo, defaults=False).parse_args(argv))  # only what the user gave
+def main(argv):
+    """The command line: train (or --resume), or --eval; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    typed = vars(build_parser(defaults=False).parse_args(argv))  # only what the user gave
     config_fields = {f.name for f in dataclasses.fields(trpo.Config)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
     cfg = None
@@ -439,8 +468,8 @@ def main(argv, trpo):
                 raise UserError(f"--episodes must be positive, got {args.episodes}.")
             run_evaluation(args.eval, args.episodes, args.greedy, args.gif, typed.get("env"))
             return 0
-        cfg, resume = run_config(trpo, args, typed, given)
-        _, _, history = trpo.train(cfg, resume=resume, progress_bar=not args.quiet)
+        cfg, resume = run_config(args, typed, given)
+        _, _, history = train(cfg, resume=resume, progress_bar=not args.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -459,13 +488,13 @@ def main(argv, trpo):
             print("\nstopped before training began; nothing was saved.", file=sys.stderr)
             return parallel.exit_code_of_stop()
         saved = [name for name in ("checkpoint.npz", "progress.csv", "policy.npz", "learning_curve.png")
-                 if os.path.exists(os.path.join(cfg.out_dir(), name))]
-        print(f"stopped: {', '.join(saved)} are in {cfg.out_dir()}\n"
+                 if os.path.exists(os.path.join(out_dir(cfg), name))]
+        print(f"stopped: {', '.join(saved)} are in {out_dir(cfg)}\n"
               f"continue with:  python trpo_numpy.py --resume {checkpoint}", file=sys.stderr)
         return parallel.exit_code_of_stop()
     if trpo.solved(history, cfg.stop_return):
-        threshold = reward_threshold(cfg.env)  # the vine stops past it on LunarLander (trpo.VINE_STOP_RETURN)
-        first = trpo.first_crossing(history, threshold)
+        threshold = reward_threshold(cfg.env)  # the vine stops past it on the landers (trpo_numpy.VINE_STOP_RETURN)
+        first = first_crossing(history, threshold)
         if first is not None and threshold < cfg.stop_return:
             print(f"solved: the rolling return reached {threshold:g}, the environment's threshold, at iteration "
                   f"{first['iteration']}, and --stop-return {cfg.stop_return:g} at iteration {history[-1]['iteration']}.")
@@ -473,5 +502,9 @@ def main(argv, trpo):
             print(f"solved: the rolling return reached --stop-return {cfg.stop_return:g} at iteration "
                   f"{history[-1]['iteration']}.")
     print(f"done: {history[-1]['env_steps']:,} env steps, rolling return {history[-1]['rolling_return']:.1f}; "
-          f"outputs in {cfg.out_dir()}")
+          f"outputs in {out_dir(cfg)}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

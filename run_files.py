@@ -1,17 +1,18 @@
 """run_files.py: what a training run leaves on disk. A reader of the TRPO paper can skip this file.
 
-What is here, none of it about TRPO's mathematics (it imports nothing from trpo_numpy.py):
+What is here, none of it about TRPO's mathematics (it imports nothing from trpo_numpy.py; the rows it
+writes and their log line are diagnostics.py's):
 
-* `TrainingState`: everything that changes during a run (theta, the value function and its Adam
-  moments, the generator, the counters, the history), and so what a checkpoint holds;
+* `snapshot` and `restore`: everything that changes during a run (a trpo_numpy.Learner: theta, the
+  value function and its Adam moments, the generator, the counters, the history), and so what a
+  checkpoint holds;
 * `RunFolder`: the bookkeeping of one training run, behind one object: the folder checks
   and lock, config.json, progress.csv and the log line, the progress bar, checkpoints every
   few iterations, and the final save (checkpoint, policy, plots);
 * the output folder: `prepare_out_dir` (writable before training starts), `new_numbered_folder`,
   `check_folder_is_free` and `check_folder_is_ours` (a run never writes over another run's
   files, nor among anyone's files), `lock_folder` (nor two runs into one folder at once);
-* `config.json` and `progress.csv` (one row per iteration, columns PROGRESS_COLUMNS),
-  and `format_log_line`, the same row as the line printed per iteration;
+* `config.json` and `progress.csv` (one row per iteration, diagnostics.PROGRESS_COLUMNS);
 * `policy.npz` (the weights and their architecture, for --eval) and `checkpoint.npz`
   (everything a run needs to continue), both written atomically;
 * the plots `learning_curve.png`, `diagnostics.png`, `theory.png`, and the GIF of an episode;
@@ -30,15 +31,13 @@ import time
 
 import numpy as np
 
+from diagnostics import PROGRESS_COLUMNS, format_log_line
+
 
 class UserError(Exception):
     """Something the user can fix (a bad option, an unknown env): reported in one sentence, exit code 2."""
 
 
-PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl", "backtracks", "accepted",
-                    "expected_improve", "actual_improve", "entropy", "value_loss", "explained_variance",
-                    "steps_per_s", "wall_s", "trunk_steps", "branch_steps", "rollout_states", "restores_per_s",
-                    "max_kl_state", "predicted_return_change", "theorem_penalty", "batch_return", "return_change"]
 CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
 POLICY_FORMAT = "trpo-numpy policy v1"
 
@@ -102,7 +101,7 @@ class RunFolder:
         self.bar.update(row["trunk_steps"])
         self.bar.set_postfix(ret=f"{row['rolling_return']:.1f}")
         if self.verbose:
-            self.write_line(format_log_line(row) + (f" | step skipped: {row['skipped']}" if row["skipped"] else ""))
+            self.write_line(format_log_line(row))
 
     def save_checkpoint(self, snapshot):
         """checkpoint.npz, and policy.npz with the same weights."""
@@ -129,42 +128,27 @@ class RunFolder:
             self.lock.close()
 
 
-class TrainingState:
-    """Everything that changes during a run, and so everything a checkpoint must hold."""
+def snapshot(learner, run_id):
+    """A copy of everything that changes during a run (a trpo_numpy.Learner), cheap enough to take every
+    iteration: a clean point to stop at, and what a checkpoint holds."""
+    vf = learner.value_fn
+    return dict(theta=learner.theta.copy(), phi=vf.phi.copy(), adam_m=vf.adam.m.copy(), adam_v=vf.adam.v.copy(),
+                adam_t=vf.adam.t, value_mean=vf.mean, value_std=vf.std, rng_state=learner.rng.bit_generator.state,
+                iteration=learner.iteration, env_steps=learner.env_steps, wall_s=learner.wall_s, run_id=run_id,
+                history=learner.history[:], episode_returns=learner.episode_returns[:])
 
-    def __init__(self, cfg, policy_net, value_fn, rng, theta):
-        self.cfg, self.policy_net, self.value_fn, self.rng, self.theta = cfg, policy_net, value_fn, rng, theta
-        self.run_id = new_run_id(cfg.seed)  # tells this run from another in a folder
-        self.iteration = 0
-        self.env_steps = 0
-        self.wall_s = 0.0  # training time before this process started (a resumed run)
-        self.episode_returns = []  # every finished training episode's return, in order of (step, environment)
-        self.history = []  # one dict per iteration: the rows of progress.csv
 
-    def record(self, batch, steps):
-        """Count a batch's environment steps and keep the returns of the episodes that ended in it."""
-        ended = batch["episode_return"]
-        self.episode_returns.extend(ended[~np.isnan(ended)])
-        self.env_steps += steps
-
-    def snapshot(self):
-        """A copy of the state now, cheap enough to take every iteration: a clean point to stop at."""
-        vf = self.value_fn
-        return dict(theta=self.theta.copy(), phi=vf.phi.copy(), adam_m=vf.adam.m.copy(), adam_v=vf.adam.v.copy(),
-                    adam_t=vf.adam.t, value_mean=vf.mean, value_std=vf.std, rng_state=self.rng.bit_generator.state,
-                    iteration=self.iteration, env_steps=self.env_steps, wall_s=self.wall_s, run_id=self.run_id,
-                    history=self.history[:], episode_returns=self.episode_returns[:])
-
-    def restore(self, saved):
-        """Continue from a snapshot read back from a checkpoint (read_checkpoint)."""
-        if saved["theta"].shape != self.theta.shape or saved["phi"].shape != self.value_fn.phi.shape:
-            raise UserError("the checkpoint's networks do not match its own configuration; it is damaged.")
-        vf = self.value_fn
-        self.theta, vf.phi, vf.adam.m, vf.adam.v = saved["theta"], saved["phi"], saved["adam_m"], saved["adam_v"]
-        vf.adam.t, vf.mean, vf.std = saved["adam_t"], saved["value_mean"], saved["value_std"]
-        self.rng.bit_generator.state = saved["rng_state"]
-        self.run_id, self.iteration, self.env_steps = saved["run_id"], saved["iteration"], saved["env_steps"]
-        self.wall_s, self.history, self.episode_returns = saved["wall_s"], saved["history"], saved["episode_returns"]
+def restore(learner, saved):
+    """Continue a new learner from a snapshot read back from a checkpoint (read_checkpoint); returns its run id."""
+    if saved["theta"].shape != learner.theta.shape or saved["phi"].shape != learner.value_fn.phi.shape:
+        raise UserError("the checkpoint's networks do not match its own configuration; it is damaged.")
+    vf = learner.value_fn
+    learner.theta, vf.phi, vf.adam.m, vf.adam.v = saved["theta"], saved["phi"], saved["adam_m"], saved["adam_v"]
+    vf.adam.t, vf.mean, vf.std = saved["adam_t"], saved["value_mean"], saved["value_std"]
+    learner.rng.bit_generator.state = saved["rng_state"]
+    learner.iteration, learner.env_steps, learner.wall_s = saved["iteration"], saved["env_steps"], saved["wall_s"]
+    learner.history, learner.episode_returns = saved["history"], saved["episode_returns"]
+    return saved["run_id"]
 
 
 # ----------------------------------------------------------------------------
@@ -281,20 +265,6 @@ class ProgressCsv:
 
     def close(self):
         self.file.close()
-
-
-def format_log_line(row):
-    """One line per iteration: what a student watches to see TRPO work (README, "What you see")."""
-    return (f"it {row['iteration']:4d} | steps {row['env_steps']:9,d} | return {row['rolling_return']:7.1f} "
-            f"({row['episodes']} ep) | kl {row['kl']:.4f} | backtracks {row['backtracks']} | "
-            f"improve exp {row['expected_improve']:.4f} act {row['actual_improve']:.4f} | "
-            f"return change pred {row['predicted_return_change']:+.1f} real "
-            f"{'n/a' if np.isnan(row['return_change']) else format(row['return_change'], '+.1f')} | "
-            f"largest state kl {row['max_kl_state']:.3f} | "
-            f"entropy {row['entropy']:.3f} | vloss {row['value_loss']:.1f} ev {row['explained_variance']:.2f} | "
-            f"{row['steps_per_s']:,.0f} steps/s"
-            + (f" | vine: {row['rollout_states']} states, {row['branch_steps']:,} branch steps, "
-               f"{row['restores_per_s']:,.0f} restores/s" if row["rollout_states"] else ""))
 
 
 # ----------------------------------------------------------------------------

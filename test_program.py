@@ -21,6 +21,7 @@ Run:  python -m pytest -q test_program.py                   (this file)
 
 import concurrent.futures
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -30,6 +31,8 @@ import numpy as np
 import pytest
 
 import cli
+import diagnostics
+import engine
 import parallel
 import run_files
 import trpo_numpy as T
@@ -98,7 +101,7 @@ def test_a_vine_run_by_default_stops_once_solved_or_after_its_iteration_budget()
     VINE_ITERATIONS batches; values given explicitly win; the single-path scheme is the plain Config, with no
     stop return."""
     vine = T.scheme_config("vine")
-    assert vine.stop_return == 240 and T.reward_threshold("LunarLander-v3") == 200
+    assert vine.stop_return == 240 and cli.reward_threshold("LunarLander-v3") == 200
     assert T.scheme_config("vine", env="LunarLanderContinuous-v3").stop_return == 240
     assert vine.total_steps == T.VINE_ITERATIONS * vine.batch_size
     assert T.scheme_config("vine", env="CartPole-v1").stop_return == 475
@@ -118,7 +121,7 @@ def test_a_run_stopped_past_the_threshold_says_where_it_passed_each(tmp_path, ca
     monkeypatch.setattr(cli, "reward_threshold", lambda env_id: 15.0)
     try:
         code = cli.main(["--env", "CartPole-v1", "--stop-return", "30", "--num-envs", "4", "--steps-per-env", "128",
-                         "--workers", "1", "--total-steps", "40000", "--quiet", "--out", str(tmp_path / "run")], T)
+                         "--workers", "1", "--total-steps", "40000", "--quiet", "--out", str(tmp_path / "run")])
     finally:
         for stop_signal, handler in handlers.items():
             signal.signal(stop_signal, handler)
@@ -140,7 +143,7 @@ def test_the_command_line_gives_the_vine_its_defaults(tmp_path):
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["total_steps"], saved["num_envs"], saved["hidden"]) == (32, 2, [8])  # as given
-    assert saved["max_kl"] == T.SCHEME_DEFAULTS["vine"]["max_kl"] and saved["stop_return"] == 475  # the vine's own
+    assert saved["max_kl"] == T.DEFAULTS["vine", "discrete"]["max_kl"] and saved["stop_return"] == 475  # the vine's own
 
 
 # ----------------------------------------------------------------------------
@@ -160,7 +163,7 @@ def test_training_writes_its_outputs(tmp_path):
     """A short run writes non-empty progress.csv, config.json, policy.npz and both plots; progress.csv has the
     expected columns and one row per iteration (4), and policy.npz holds the layer sizes [4, 16, 16, 2]."""
     cfg = short_config(tmp_path, "out")
-    T.train(cfg, verbose=False)
+    cli.train(cfg, verbose=False)
     out = tmp_path / "out"
     for name in ("progress.csv", "config.json", "policy.npz", "learning_curve.png", "diagnostics.png"):
         assert (out / name).stat().st_size > 0, name
@@ -234,11 +237,11 @@ def test_resume_continues_the_counters_and_the_csv(tmp_path):
     runs iterations 5 and 6: iteration, env_steps, wall time and episode count carry on, and progress.csv
     gains rows 5 and 6 after the first four."""
     cfg = short_config(tmp_path, "run", total_steps=2048, save_every=1)  # 4 iterations of 512 steps
-    T.train(cfg, verbose=False)
-    data, saved_cfg = T.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
+    cli.train(cfg, verbose=False)
+    data, saved_cfg = cli.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
     assert saved_cfg == cfg
-    longer = T.dataclasses.replace(saved_cfg, total_steps=3072)
-    _, theta, history = T.train(longer, verbose=False, resume=data)
+    longer = dataclasses.replace(saved_cfg, total_steps=3072)
+    _, theta, history = cli.train(longer, verbose=False, resume=data)
     assert [row["iteration"] for row in history] == [1, 2, 3, 4, 5, 6]
     assert [row["env_steps"] for row in history] == [512 * k for k in range(1, 7)]
     assert history[4]["wall_s"] > history[3]["wall_s"]
@@ -251,17 +254,17 @@ def test_resumed_run_keeps_the_saved_weights(tmp_path):
     """The checkpoint holds the run's final weights, and resuming a run that has nothing left to do returns
     those same weights and its 2 history rows."""
     cfg = short_config(tmp_path, "run", total_steps=1024)
-    _, theta, _ = T.train(cfg, verbose=False)
-    data, saved_cfg = T.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
+    _, theta, _ = cli.train(cfg, verbose=False)
+    data, saved_cfg = cli.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
     assert np.array_equal(data["theta"], theta)
     # Resuming with nothing left to do changes nothing and keeps the weights.
-    _, theta_again, history = T.train(saved_cfg, verbose=False, resume=data)
+    _, theta_again, history = cli.train(saved_cfg, verbose=False, resume=data)
     assert np.array_equal(theta_again, theta) and len(history) == 2
 
 
 def bad_files(tmp_path):
     """A checkpoint, and the damaged or wrong files a user might hand over instead."""
-    T.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
+    cli.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
     good = tmp_path / "run" / "checkpoint.npz"
     (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(300))
     (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:2000])
@@ -443,7 +446,7 @@ def test_repeated_ctrl_c_does_not_interrupt_the_final_save(tmp_path):
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert "one moment" in stderr and f"--resume {out / 'checkpoint.npz'}" in stderr
-    saved, _ = T.read_checkpoint(str(out / "checkpoint.npz"))
+    saved, _ = cli.read_checkpoint(str(out / "checkpoint.npz"))
     assert saved["iteration"] >= 3 and (out / "policy.npz").exists()
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
@@ -497,7 +500,7 @@ def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name
     assert time.time() - sent < 10, "it must stop promptly, not an iteration later"
     assert process.returncode == 128 + getattr(signal, signal_name) and "Traceback" not in stderr
     assert f"--resume {out / 'checkpoint.npz'}" in stderr
-    data, cfg = T.read_checkpoint(str(out / "checkpoint.npz"))  # written although --save-every is 1000
+    data, cfg = cli.read_checkpoint(str(out / "checkpoint.npz"))  # written although --save-every is 1000
     assert data["iteration"] >= 3
     assert np.load(out / "policy.npz")["theta"].shape == data["theta"].shape
     while processes_in_session(process.pid) and time.time() - sent < 10:
@@ -600,7 +603,7 @@ def test_eval_reports_return_and_writes_a_gif(tmp_path):
     """--eval of a freshly trained CartPole policy, 3 greedy episodes with --gif: exit code 0, a summary that
     reports the share of episodes at or above CartPole's threshold 475, a file that starts GIF89a, nothing on
     stderr."""
-    T.train(short_config(tmp_path, "run"), verbose=False)
+    cli.train(short_config(tmp_path, "run"), verbose=False)
     gif = tmp_path / "episode.gif"
     result = run_cli("--eval", str(tmp_path / "run" / "policy.npz"), "--episodes", "3", "--greedy",
                      "--gif", str(gif))
@@ -789,15 +792,45 @@ def test_the_value_fit_beside_the_policy_step_gives_the_run_of_one_thread(tmp_pa
     for order, executor in [("threads", None), ("before", InlineExecutor),
                             ("after", functools.partial(InlineExecutor, after_block=True))]:
         if executor is not None:
-            monkeypatch.setattr(T.concurrent.futures, "ThreadPoolExecutor", executor)
+            monkeypatch.setattr(engine.concurrent.futures, "ThreadPoolExecutor", executor)
         cfg = short_config(tmp_path, order, scheme=scheme, vf_epochs=20, vf_minibatch=16, **vine)
-        _, theta, history = T.train(cfg, verbose=False)
-        saved, _ = T.read_checkpoint(str(tmp_path / order / "checkpoint.npz"))
+        _, theta, history = cli.train(cfg, verbose=False)
+        saved, _ = cli.read_checkpoint(str(tmp_path / order / "checkpoint.npz"))
         runs[order] = (theta, saved["phi"], repr([row["value_loss"] for row in history]))
     for order in ("before", "after"):
         assert np.array_equal(runs[order][0], runs["threads"][0]), order
         assert np.array_equal(runs[order][1], runs["threads"][1]), order  # the value network too
         assert runs[order][2] == runs["threads"][2], order
+
+
+@needs_fork
+@pytest.mark.parametrize("scheme, env", [("single", "CartPole-v1"), ("vine", "CartPole-v1"),
+                                         ("single", "Pendulum-v1"), ("vine", "Pendulum-v1")])
+def test_a_run_through_the_engine_is_the_references_run(tmp_path, scheme, env):
+    """A run of the command line's train (engine.py: 2 worker processes, states restored by fork, or by
+    replay for young ones, the value fit in a second thread beside the step, the run's files) gives the
+    reference's run (trpo_numpy.train: one process, seeded replay after the trunk, one thread): the same
+    progress.csv but for its timing columns, and the same theta, to the bit; for both schemes, with discrete
+    actions (CartPole) and continuous ones (Pendulum, the vine drawing K = 3 actions from pi_old). Each
+    worker steps 4 environments: OpenBLAS computes a product's rows in blocks of 4, so the workers' smaller
+    policy passes give the reference's logits to the bit (with 3 a worker, they can differ in the last bit)."""
+    extra = dict(vine_states=12, vine_horizon=12, steps_per_env=32) if scheme == "vine" else {}
+    if scheme == "vine" and env == "Pendulum-v1":
+        extra.update(vine_actions=3, vine_proposal="pi_old")
+    cfg = T.scheme_config(scheme, env=env, seed=3, num_envs=8, steps_per_env=extra.pop("steps_per_env", 64),
+                          total_steps=(3 if scheme == "vine" else 4) * 8 * (32 if scheme == "vine" else 64),
+                          hidden=(16, 16), workers=2, vine_restore="auto", out=str(tmp_path / "engine"), **extra)
+    _, theta_engine, _ = cli.train(cfg, verbose=False, progress_bar=False)
+    _, theta_reference, history = T.train(dataclasses.replace(cfg, out=""), verbose=False)
+    reference_csv = run_files.ProgressCsv(str(tmp_path), history)
+    reference_csv.close()
+
+    def without_timing(path):
+        return [{k: v for k, v in row.items() if k not in diagnostics.TIMING_COLUMNS} for row in csv.DictReader(open(path))]
+    engine_rows = without_timing(tmp_path / "engine" / "progress.csv")
+    assert len(engine_rows) == len(history) >= 3
+    assert engine_rows == without_timing(tmp_path / "progress.csv")
+    assert np.array_equal(theta_engine, theta_reference)
 
 
 # ----------------------------------------------------------------------------
@@ -876,7 +909,7 @@ def test_a_resume_with_nothing_left_to_do_says_so(tmp_path):
     """Resuming a run that has trained its --total-steps already is refused in one sentence (exit code 2) that
     says how far it got and how to go on; its files are not touched."""
     cfg = short_config(tmp_path, "run", total_steps=512)
-    T.train(cfg, verbose=False)
+    cli.train(cfg, verbose=False)
     checkpoint = tmp_path / "run" / "checkpoint.npz"
     before = checkpoint.read_bytes()
     result = run_cli("--resume", str(checkpoint))
@@ -887,7 +920,7 @@ def test_a_resume_with_nothing_left_to_do_says_so(tmp_path):
 
 def small_run_folder(cfg):
     """A RunFolder for cfg (short_config's CartPole networks) and a snapshot of zero weights to record."""
-    run = run_files.RunFolder(cfg.out, False, T.dataclasses.asdict(cfg), "id", [], resuming=False,
+    run = run_files.RunFolder(cfg.out, False, dataclasses.asdict(cfg), "id", [], resuming=False,
                               sizes=([4, 16, 16, 2], [4, 16, 16, 1]), verbose=False, progress_bar=False,
                               plot_labels=dict(scheme_name="single path", solved_at=None))
     snapshot = dict(theta=np.zeros(MLP([4, 16, 16, 2]).num_params), phi=np.zeros(MLP([4, 16, 16, 1]).num_params),
@@ -926,7 +959,7 @@ def test_no_progress_bar_is_drawn_into_a_pipe_and_quiet_leaves_the_log_lines(tmp
 def test_an_evaluation_says_episode_in_the_singular_and_checks_the_gif_folder_first(tmp_path):
     """--eval --episodes 1 prints '1 evaluation episode'; a --gif into a folder that does not exist is refused
     in one sentence before any episode is played (no traceback)."""
-    T.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
+    cli.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
     policy = str(tmp_path / "run" / "policy.npz")
     result = run_cli("--eval", policy, "--episodes", "1")
     assert result.returncode == 0 and "1 evaluation episode (" in result.stdout, result.stdout
@@ -941,7 +974,7 @@ def test_the_project_from_python_trains_loads_and_acts(tmp_path):
     import cli
     cfg = T.scheme_config("single", env="CartPole-v1", total_steps=1024, num_envs=4, steps_per_env=128,
                           hidden=(16, 16), out=str(tmp_path / "notebook"))
-    net, theta, history = T.train(cfg, verbose=False)
+    net, theta, history = cli.train(cfg, verbose=False)
     loaded_net, loaded_theta, env_id = cli.load_policy(str(tmp_path / "notebook" / "policy.npz"))
     assert np.array_equal(loaded_theta, theta) and loaded_net.sizes == net.sizes and env_id == "CartPole-v1"
     env = cli.make_env(env_id)
@@ -951,7 +984,7 @@ def test_the_project_from_python_trains_loads_and_acts(tmp_path):
     assert cli.act(loaded_net, loaded_theta, obs) == int(np.argmax(logits))
     env.close()
     with pytest.raises(run_files.UserError, match="--max-kl must be positive"):
-        T.train(T.scheme_config("single", env="CartPole-v1", max_kl=-1.0, out=str(tmp_path / "bad")))
+        cli.train(T.scheme_config("single", env="CartPole-v1", max_kl=-1.0, out=str(tmp_path / "bad")))
 
 
 # ----------------------------------------------------------------------------
@@ -1262,7 +1295,7 @@ def test_bench_refuses_bad_input_before_training_in_one_sentence(bench_module, t
     one sentence on stderr, no traceback, and no training started."""
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
-    monkeypatch.setattr(T, "train", no_training)
+    monkeypatch.setattr(cli, "train", no_training)
     (tmp_path / "a-file").write_text("")
     code, _, err = run_bench(bench_module, capsys, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2 and words in err and "Traceback" not in err, err
@@ -1334,13 +1367,13 @@ def test_bench_ctrl_c_keeps_the_finished_seeds_and_says_where_in_one_line(tmp_pa
 def test_bench_total_steps_applies_to_the_vine(fast_bench, capsys, monkeypatch):
     """bench.py --scheme vine --total-steps 512 trains each seed for 512 trunk steps (not the vine's
     default of 150 iterations), and --help says --total-steps applies to the vine."""
-    real_train, totals = T.train, []
+    real_train, totals = cli.train, []
 
     def train(cfg, **kwargs):
         totals.append(cfg.total_steps)
         assert cfg.total_steps == 512, "the vine's --total-steps was ignored"
         return real_train(cfg, **kwargs)
-    monkeypatch.setattr(T, "train", train)
+    monkeypatch.setattr(cli, "train", train)
     code, _, err = run_bench(fast_bench, capsys, "--scheme", "vine", "--seeds", 0, "--total-steps", 512,
                              "--eval-episodes", 2)
     assert code == 0, err
@@ -1388,7 +1421,7 @@ def test_bench_seeds_default_to_0_to_9(bench_module, capsys):
 def test_a_resume_refuses_a_folder_of_other_files(tmp_path):
     """--resume --out into a folder of someone else's files (plots, another tool's progress.csv) is refused in
     one sentence with exit code 2, and those files are left as they were."""
-    T.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
+    cli.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
     foreign = tmp_path / "plots"
     foreign.mkdir()
     (foreign / "progress.csv").write_text("step,reward\n1,2\n")
@@ -1403,11 +1436,11 @@ def test_a_stop_before_the_first_iteration_leaves_a_run_to_resume(tmp_path, monk
     that --resume accepts, not a half-made run that blocks the next one."""
     def interrupted(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(T, "make_sampler", interrupted)
+    monkeypatch.setattr(engine, "make_sampler", interrupted)
     cfg = short_config(tmp_path, "run", total_steps=1024)
     with pytest.raises(KeyboardInterrupt):
-        T.train(cfg, verbose=False)
-    saved, saved_cfg = T.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
+        cli.train(cfg, verbose=False)
+    saved, saved_cfg = cli.read_checkpoint(str(tmp_path / "run" / "checkpoint.npz"))
     assert saved["iteration"] == 0 and saved["env_steps"] == 0 and saved_cfg.out == cfg.out
     monkeypatch.undo()
     result = run_cli("--resume", str(tmp_path / "run" / "checkpoint.npz"))
@@ -1510,7 +1543,7 @@ def test_a_continuous_run_starts_at_log_std_init_and_writes_a_gaussian_policy(tm
     --log-std-init, so the first step's entropy is d log sigma + d/2 (1 + log 2 pi); its policy.npz loads
     back as a Gaussian policy that cli.act drives, greedy with the mean action."""
     cfg = short_config(tmp_path, "pendulum", env="Pendulum-v1", workers=1, log_std_init=-0.7, total_steps=1024)
-    net, theta, history = T.train(cfg, verbose=False, progress_bar=False)
+    net, theta, history = cli.train(cfg, verbose=False, progress_bar=False)
     assert np.isclose(history[0]["entropy"], -0.7 + 0.5 * (1 + np.log(2 * np.pi)), rtol=1e-12)
     loaded, loaded_theta, env_id = cli.load_policy(os.path.join(cfg.out, "policy.npz"))
     assert type(loaded).__name__ == "GaussianPolicy" and env_id == "Pendulum-v1"

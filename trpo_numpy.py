@@ -1,22 +1,24 @@
 """trpo_numpy.py: Trust Region Policy Optimization in plain NumPy, on Gymnasium's LunarLander-v3.
 
-Read it beside the papers. It follows the practical algorithm of TRPO Sec. 6, with the
-value function of the GAE paper, top to bottom:
+The reference: the whole algorithm in one process, read top to bottom beside the papers. It follows
+the practical algorithm of TRPO Sec. 6, with the value function of the GAE paper; each iteration
 
-  1. sample trajectories with the current policy pi_old        (Sec. 5.1 single path; Sec. 5.2 vine)
-  2. estimate advantages                                       (GAE paper Eq. 16, or return-to-go)
-  3. build the surrogate L(theta) and its gradient g           (Eq. 14; the vine's Eq. 15 or 16)
-  4. solve F x = g by conjugate gradient, F the Fisher matrix  (Appendix C, C.1)
-  5. scale to the trust region, beta = sqrt(2 delta / x^T F x) (Appendix C)
-  6. backtracking line search: KLbar <= delta and L improves   (Appendix C)
-  7. fit the value function for the next advantages            (GAE paper Sec. 5)
+  1. samples trajectories with the current policy pi_old      (Sec. 5.1 single path; Sec. 5.2 vine)
+  2. estimates advantages                                     (GAE paper Eq. 16, or the return-to-go)
+  3. builds the surrogate L(theta) on the states of the step  (Eq. 14; the vine's Eq. 15 or 16)
+  4. takes the step (Appendix C): g = dL/dtheta, x = F^-1 g by conjugate gradient, beta =
+     sqrt(2 delta / x^T F x), then a line search until KLbar <= delta and L improves
+  5. fits the value function for the next advantages          (GAE paper Sec. 5)
 
-(The paper's Algorithm 1 is the theoretical policy iteration of Sec. 3, with exact advantages
-and the penalty of Theorem 1; Sec. 6 turns it into the algorithm coded here.) Every derivative
-is written by hand in network.py and checked against finite differences in test_trpo.py; no
-autodiff framework is used anywhere. What is not the algorithm lives in files a reader may
-skip: parallel.py (other processes), run_files.py (files on disk, checkpoints), cli.py (the
-command line, environments by name, evaluation and the animation). Anything here that is not in the papers says so: "an addition".
+(The paper's Algorithm 1 is the theoretical policy iteration of Sec. 3, with exact advantages and the
+penalty of Theorem 1; Sec. 6 turns it into the algorithm coded here.) Every derivative is written by
+hand in network.py and checked against finite differences in test_trpo.py; no autodiff framework is
+used anywhere. Anything here that is not in the papers says so: "an addition".
+
+The command line runs this same algorithm through engine.py, which makes it fast on several cores
+(worker processes for the trunk, states restored by fork, the value fit beside the step) and is
+tested to give this file's runs. What a reader of the paper may skip: engine.py, parallel.py (other
+processes), run_files.py (files on disk) and cli.py (the command line, evaluation).
 
 References:
   Schulman, Levine, Moritz, Jordan, Abbeel 2015. Trust Region Policy Optimization. arXiv:1502.05477
@@ -28,26 +30,23 @@ Run it:
   python trpo_numpy.py                   # single path on LunarLander-v3, writes runs/single-seed0/
   python trpo_numpy.py --scheme vine     # the vine
   python trpo_numpy.py --help            # every option, with its paper symbol
+From Python, this file alone, in one process:
+  import trpo_numpy as trpo
+  net, theta, history = trpo.train(trpo.scheme_config("single", env="CartPole-v1", total_steps=50_000))
 """
 
-import parallel  # first: it sets up the process (BLAS threads, memory, Ctrl-C) before NumPy loads
+if __name__ == "__main__":  # run as a program, the command line takes over: cli.py, which imports this file
+    import runpy
+    runpy.run_module("cli", run_name="__main__")
 
-parallel.set_up_process(main=__name__ == "__main__")
-
-import concurrent.futures
-import dataclasses
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 
+import gymnasium as gym
 import numpy as np
 
-import cli
-import run_files
-from cli import EVAL_SEED_BASE, direct_step, env_dims, make_env, reward_threshold  # environments by name
-from network import MLP, Adam, Categorical, DiagonalGaussian, policy_network, sample_one, softmax
-from run_files import UserError
+from diagnostics import format_log_line, progress_row
+from network import MLP, Adam, Categorical, DiagonalGaussian, policy_network, softmax
 
 
 # ----------------------------------------------------------------------------
@@ -61,27 +60,26 @@ def option(default, help, **argparse_settings):
 
 @dataclass
 class Config:
+    """The settings of a run, each with its paper symbol. The defaults are the single path's with
+    discrete actions; DEFAULTS below says where the vine's and those of continuous actions differ."""
     scheme: str = option("single", "sampling scheme: 'single' path (Sec. 5.1) or 'vine' (Sec. 5.2)",
                          choices=["single", "vine"])
-    env: str = option("LunarLander-v3", "Gymnasium environment id, with a flat Box observation, and Discrete "
-                                         "actions (a categorical policy) or Box ones (a Gaussian policy)")
+    env: str = option("LunarLander-v3", "Gymnasium id: a flat Box observation; Discrete actions (categorical "
+                                         "policy) or Box ones (Gaussian policy)")
     seed: int = option(0, "random seed: the same seed and --workers give the same run, to the bit, on one machine")
-    total_steps: int = option(1_000_000, "environment steps to train for, summed over environments (the vine "
-                                         "counts its trunk's)")
+    total_steps: int = option(1_000_000, "environment steps to train for, over all environments (vine: the trunk's)")
     num_envs: int = option(32, "environments sampled side by side, with one batched policy pass per time step")
     workers: int = option(2, "processes, one per core, each stepping a share of the environments; 1 = this one")
     steps_per_env: int = option(512, "steps per environment per iteration: the batch is num_envs x steps_per_env")
     hidden: tuple = option((64, 64), "hidden layer sizes of the tanh policy and value networks")
     max_kl: float = option(0.04, "delta, the trust region: the largest mean KL(pi_old || pi_new) of a step (Eq. 12)")
-    damping: float = option(0.1, "damping (an addition): CG solves (F + damping I) x = g, better conditioned "
-                                 "than F x = g")
-    fisher_subsample: int = option(2, "k: F on every k-th of the step's states, the batch in (time, env) "
-                                      "order (Appendix C subsamples)")
+    damping: float = option(0.1, "damping (an addition): CG solves (F + damping I) x = g, better conditioned")
+    fisher_subsample: int = option(2, "k: F on every k-th state of the batch, in (time, env) order (Appendix C)")
     cg_iters: int = option(10, "conjugate-gradient iterations to solve (F + damping I) x = g (Appendix C: 10)")
     backtrack_coeff: float = option(0.8, "the line search shrinks the step by this factor at each backtrack")
     max_backtracks: int = option(10, "line-search tries before the step is abandoned and theta_old kept")
     gamma: float = option(0.999, "gamma, the discount factor")
-    lam: float = option(0.97, "lambda of GAE(gamma, lambda), GAE paper Eq. 16; also the vine branches' lambda-return")
+    lam: float = option(0.97, "lambda of GAE(gamma, lambda) (GAE paper Eq. 16) and of the vine's lambda-return")
     advantage: str = option("gae", "'gae': GAE(lambda) with a learned V; 'mc': return-to-go (V at cuts) minus V",
                             choices=["gae", "mc"])
     normalize_advantages: bool = option(True, "single path: standardise each batch's advantages (an addition)")
@@ -90,75 +88,84 @@ class Config:
     vf_minibatch: int = option(256, "minibatch size of the value-network fit")
     vine_states: int = option(256, "vine: N, the number of states in the rollout set")
     vine_horizon: int = option(100, "vine: H, the steps of each branch, its first action included")
-    vine_actions: int = option(0, "vine: 0 branches on every action (Eq. 15); K > 0 on K actions drawn from q "
-                                  "(Eq. 16)")
+    vine_actions: int = option(0, "vine: 0 branches on every action (Eq. 15); K > 0 on K drawn from q (Eq. 16)")
     vine_proposal: str = option("uniform", "vine with K > 0: q, the distribution the K actions are drawn from",
                                 choices=["uniform", "pi_old"])
     vine_bootstrap: bool = option(True, "vine: Q is the branch's lambda-return from V (an addition); "
                                         "--no-vine-bootstrap: the paper's Monte-Carlo Q")
-    vine_restore: str = option("auto", "vine: restore a state by 'fork', by seeded 'replay', or 'auto' (the "
-                                       "cheaper); all exact", choices=["auto", "fork", "replay"])
-    log_std_init: float = option(0.0, "continuous actions: log sigma of the Gaussian policy at the start, the "
-                                      "same for every action dimension")
+    vine_restore: str = option("auto", "vine, engine.py: restore a state by 'fork', seeded 'replay', or 'auto' "
+                                       "(the cheaper); all exact", choices=["auto", "fork", "replay"])
+    log_std_init: float = option(0.0, "continuous actions: log sigma of the Gaussian policy at the start")
     entropy_coef: float = option(0.0, "weight of an entropy bonus in the surrogate (an addition; 0 is the paper)")
     trust_region: bool = option(True, "--no-trust-region: the full natural-gradient step, with no line search")
     stop_return: float = option(None, "stop once the mean return of the last 100 episodes reaches this")
-    save_every: int = option(10, "write checkpoint.npz and policy.npz every this many iterations (the plots at "
-                                 "most once a minute), and at the end")
+    save_every: int = option(10, "checkpoint.npz and policy.npz every this many iterations, and at the end")
     out: str = option("", "output folder, new or empty; by default runs/<scheme>-seed<seed>, numbered -2, -3, ...")
 
     @property
     def batch_size(self):
         return self.num_envs * self.steps_per_env
 
-    def out_dir(self):
-        return self.out or os.path.join("runs", f"{self.scheme}-seed{self.seed}")
 
-
-# Where the vine's defaults differ from Config's. Its trunk is half the single path's batch
-# (many finished episodes per iteration for the value fit, at little cost next to the branches);
-# its estimate of the advantages (all actions, for discrete ones) has so little noise that larger
-# steps pay; its Fisher is taken over the few rollout states, every one of them; its value fit keeps
-# the learning rate its benchmark was made with (the single path's larger one brought more seeds to
-# 200: RESULTS.md). Unless told otherwise, a vine run stops once its rolling mean reaches
-# VINE_STOP_RETURN, or the environment's reward threshold, or after VINE_ITERATIONS iterations: a run
-# a class can wait for.
-SCHEME_DEFAULTS = {"single": {},
-                   "vine": {"num_envs": 32, "steps_per_env": 256, "max_kl": 0.05, "fisher_subsample": 1,
-                            "vf_lr": 1e-3}}
+# The defaults of each scheme and action space where they differ from Config's, chosen over ten seeds
+# each (RESULTS.md keeps the tuning record). The vine's trunk is half the single path's batch, its
+# estimate of the advantages has so little noise that larger steps pay, and its Fisher is taken on
+# every one of its few rollout states. Continuous actions start with a smaller sigma (e^-1 = 0.37 for
+# actions in [-1, 1]) and fit V harder; their vine draws K = 4 actions from q = pi_old (Eq. 16), the
+# paper's q for continuous problems (Sec. 5.2): a continuous space has no "every action".
+DEFAULTS = {
+    ("single", "discrete"): {},
+    ("vine", "discrete"): dict(steps_per_env=256, max_kl=0.05, fisher_subsample=1, vf_lr=1e-3),
+    ("single", "continuous"): dict(num_envs=16, gamma=0.99, log_std_init=-1.0, vf_lr=1e-3, vf_epochs=10,
+                                   vf_minibatch=128),
+    ("vine", "continuous"): dict(steps_per_env=256, max_kl=0.05, fisher_subsample=1, gamma=0.99, log_std_init=-1.0,
+                                 vf_lr=1e-3, vf_epochs=10, vf_minibatch=128, vine_actions=4, vine_proposal="pi_old"),
+}
+# Unless told otherwise, a vine run stops after VINE_ITERATIONS iterations (a run a class can wait for),
+# or once its rolling return reaches VINE_STOP_RETURN (our choice on the landers, past the 200 that
+# counts as solved: their landers then fly well without their noise; RESULTS.md) or, elsewhere, the
+# environment's reward threshold.
 VINE_ITERATIONS = 150
-# Our choice, past the 200 at which Gymnasium counts LunarLander solved: a vine run stopped the moment its
-# rolling mean touched 200 left landers that scored 189 to 254 flown greedy (seeds 0 to 8); trained on
-# to 240, 2 to 20 iterations more, they scored 232 to 259 (seeds 0 to 9, RESULTS.md). The continuous
-# lander's vine, stopped at 200, flew well only with its noise (greedy 20 to 198); stopped at 240, its
-# landers scored 167 to 220 greedy and 238 to 260 sampled (seeds 0 to 2), better greedy than at 200 on
-# each of seven seeds, but still with the gap. --stop-return 200 stops at the threshold.
 VINE_STOP_RETURN = {"LunarLander-v3": 240.0, "LunarLanderContinuous-v3": 240.0}
 SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
-# Where the defaults for continuous actions (a Gaussian policy) differ, on top of the scheme's; chosen
-# on LunarLanderContinuous-v3 over ten seeds (RESULTS.md). A smaller initial sigma (e^-1 = 0.37 for
-# actions in [-1, 1]) spares the lander the noise it must otherwise unlearn, half the batch gives
-# twice the iterations, and a stronger value fit keeps every seed on course. The vine draws K = 4
-# actions from q = pi_old (Eq. 16): the paper's q for continuous problems (Sec. 5.2) and its rollouts
-# per state (Appendix E); there is no "every action" of a continuous space.
-CONTINUOUS_SHARED = {"gamma": 0.99, "log_std_init": -1.0, "vf_lr": 1e-3, "vf_epochs": 10, "vf_minibatch": 128}
-CONTINUOUS_DEFAULTS = {"single": {**CONTINUOUS_SHARED, "num_envs": 16},
-                       "vine": {**CONTINUOUS_SHARED, "vine_actions": 4, "vine_proposal": "pi_old"}}
-
 
 def scheme_config(scheme="single", **given):
-    """The Config of a run: the settings given, and for the rest the scheme's defaults (SCHEME_DEFAULTS),
-    and those of continuous actions (CONTINUOUS_DEFAULTS) if the environment's are."""
-    defaults = SCHEME_DEFAULTS[scheme]
-    if env_dims(given.get("env", Config.env))[2]:  # continuous actions
-        defaults = {**defaults, **CONTINUOUS_DEFAULTS[scheme]}
-    cfg = Config(**{**defaults, **given, "scheme": scheme})
+    """The Config of a run: the settings given, and for the rest the defaults of the scheme and of the
+    environment's action space (DEFAULTS), and the vine's budget and stop."""
+    continuous = env_dims(given.get("env", Config.env))[2]
+    cfg = Config(**{**DEFAULTS[scheme, "continuous" if continuous else "discrete"], **given, "scheme": scheme})
     if scheme == "vine" and "total_steps" not in given:
         cfg.total_steps = VINE_ITERATIONS * cfg.batch_size
     if scheme == "vine" and "stop_return" not in given:
-        cfg.stop_return = VINE_STOP_RETURN.get(cfg.env, reward_threshold(cfg.env))
+        cfg.stop_return = VINE_STOP_RETURN.get(cfg.env, gym.spec(cfg.env).reward_threshold)
     return cfg
+
+
+# ----------------------------------------------------------------------------
+# The environment
+# ----------------------------------------------------------------------------
+
+def make_env(env_id, render_mode=None):
+    """gym.make(env_id). A Gaussian policy's sample can fall outside a Box's bounds: the environment
+    takes each action clipped to them, while training keeps the log-prob of the action sampled (the
+    usual choice). (What gymnasium's ClipAction does, five times faster on float64 arrays.)"""
+    env = gym.make(env_id, render_mode=render_mode)
+    if isinstance(env.action_space, gym.spaces.Box):
+        low, high = env.action_space.low.astype(np.float64), env.action_space.high.astype(np.float64)
+        env = gym.wrappers.TransformAction(env, lambda action: np.minimum(np.maximum(action, low), high),
+                                           env.action_space)
+    return env
+
+
+def env_dims(env_id):
+    """(observation size, number of actions or action dimensions, continuous?) of env_id."""
+    env = make_env(env_id)
+    continuous = isinstance(env.action_space, gym.spaces.Box)
+    dims = (env.observation_space.shape[0], env.action_space.shape[0] if continuous else int(env.action_space.n),
+            continuous)
+    env.close()
+    return dims
 
 
 # ----------------------------------------------------------------------------
@@ -166,96 +173,96 @@ def scheme_config(scheme="single", **given):
 # ----------------------------------------------------------------------------
 
 # Training resets its episodes with seeds below this; evaluation (cli.py) with seeds from it on.
-TRAIN_SEED_LIMIT = EVAL_SEED_BASE
+TRAIN_SEED_LIMIT = 2 ** 31
 
 
 class SinglePathSampler:
     """Runs environments side by side under pi_old and records their transitions.
 
-    Episodes carry over from one batch to the next: an episode cut by the end of a batch
-    goes on in the next one, and its value bootstrap covers the cut. Environment e draws
-    its actions, and the seed of each of its episodes, from its own generator: a run is
-    reproducible from --seed, and an environment follows the same trajectory in whichever
-    process it runs.
+    Episodes carry over from one batch to the next: an episode cut by the end of a batch goes on
+    in the next one, and its value bootstrap covers the cut. Environment e draws its actions, and
+    the seed of each of its episodes, from its own generator: a run is reproducible from --seed,
+    and an environment follows the same trajectory in whichever process it runs. Each episode's
+    seed and actions so far are kept: replayed, they rebuild any of its states (the vine's restore).
     """
 
     def __init__(self, envs, env_seeds, action_seeds):
         self.envs = envs
         self.action_rngs = [np.random.default_rng(int(s)) for s in action_seeds]
         self.episode_seed = [int(s) for s in env_seeds]
+        self.episode_actions = [[] for _ in envs]  # the actions of each environment's episode so far
         self.obs = np.array([env.reset(seed=s)[0] for env, s in zip(envs, self.episode_seed)], dtype=np.float64)
         self.episode_return = np.zeros(len(envs))  # running return of each environment's current episode
 
     def sample(self, net, theta, steps):
-        """Step every environment `steps` times under pi_theta. Returns a dict of (T, E, ...) arrays.
+        """Step every environment `steps` times under pi_theta. Returns a dict of (T, E, ...) arrays:
 
-        A continuous action is recorded as sampled, and the environment takes it clipped to its
-        bounds (cli.make_env): the log-prob is the sampled action's, as in most implementations.
-        `next_obs[t, e]` is the observation that really followed action t, the final one
-        when the episode ended there (before the reset): V(next_obs) is what a truncated
-        episode, or the batch's last step, bootstraps with. `episode_return[t, e]` is the
-        return of the episode that ended at step t, NaN where none ended.
+        obs, next_obs, rewards, terminated, truncated, episode_return, logits, actions, and
+        episode_seed and episode_step, the seed of each state's episode and its number of steps so far.
+        `next_obs[t, e]` is the observation that really followed action t, the final one when the
+        episode ended there (before the reset): V(next_obs) is what a truncated episode, or the
+        batch's last step, bootstraps with. `episode_return[t, e]` is the return of the episode
+        that ended at step t, NaN where none ended. A continuous action is recorded as sampled,
+        before the environment clips it (make_env).
         """
-        E, D = self.obs.shape
-        dist = net.distribution  # categorical (discrete actions) or diagonal Gaussian (continuous)
-        batch = {
-            "obs": np.zeros((steps, E, D)),
-            "next_obs": np.zeros((steps, E, D)),
-            "rewards": np.zeros((steps, E)),
-            "terminated": np.zeros((steps, E), dtype=bool),
-            "truncated": np.zeros((steps, E), dtype=bool),
-            "episode_return": np.full((steps, E), np.nan),
-        }
-        logits_steps, action_steps = [], []
-        rewards, next_obs, obs_after = [0.0] * E, [None] * E, [None] * E  # step t, per environment
+        batch = self.empty_batch(net, steps)
         for t in range(steps):
-            # (E, A): ONE forward pass for all environments (kept: the vine's q = pi_old reads it).
-            # For a Gaussian policy these "logits" are z = [mu, log sigma], (E, 2d).
-            self.logits, _ = net.forward(theta, self.obs)
-            action_steps.append(dist.sample(self.logits, [dist.noise(rng, net.sizes[-1])
-                                                          for rng in self.action_rngs]))
-            # ints for the loop below; continuous actions stay rows of the (E, d) array, as the env's clip wants
-            actions = action_steps[-1].tolist() if action_steps[-1].ndim == 1 else action_steps[-1]
-            batch["obs"][t] = self.obs
-            logits_steps.append(self.logits)
-            # The hot path: Python lists per environment, copied into the arrays once per step.
-            for e in range(E):
-                obs, rewards[e], terminated, truncated, _ = self.step(t, e, actions[e])
-                self.episode_return[e] += rewards[e]
-                next_obs[e] = obs
-                if terminated or truncated:
-                    next_obs[e] = np.array(obs)  # a copy: the reset below must not change it
-                    batch["terminated"][t, e] = terminated
-                    batch["truncated"][t, e] = truncated
-                    batch["episode_return"][t, e] = self.episode_return[e]
-                    self.episode_return[e] = 0.0
-                    self.episode_seed[e] = int(self.action_rngs[e].integers(TRAIN_SEED_LIMIT))
-                    obs = self.start_episode(e)
-                obs_after[e] = obs
-            batch["rewards"][t] = rewards
-            batch["next_obs"][t] = next_obs
-            self.obs = np.array(obs_after, dtype=np.float64)
-        batch["logits"] = np.array(logits_steps)  # (T, E, A), pi_old's logits at every state ((T, E, 2d): mu, log sigma)
-        # (T, E) integers, or (T, E, d) floats: the actions sampled, before the environment clips them
-        batch["actions"] = np.array(action_steps)
+            logits, actions = self.draw_actions(net, theta)
+            self.step_environments(batch, t, logits, actions)
         return batch
 
-    def step(self, t, e, action):
-        """Environment e takes its step t. (The vine's trunk also branches here: VineTrunk.step.)"""
-        return self.envs[e].step(action)
+    def empty_batch(self, net, steps):
+        E, D = self.obs.shape
+        continuous = net.distribution is DiagonalGaussian
+        logits_size = 2 * net.sizes[-1] if continuous else net.sizes[-1]  # a Gaussian's z = [mu, log sigma]
+        return {"obs": np.zeros((steps, E, D)), "next_obs": np.zeros((steps, E, D)),
+                "rewards": np.zeros((steps, E)), "terminated": np.zeros((steps, E), dtype=bool),
+                "truncated": np.zeros((steps, E), dtype=bool), "episode_return": np.full((steps, E), np.nan),
+                "logits": np.zeros((steps, E, logits_size)),
+                "actions": np.zeros((steps, E, net.sizes[-1])) if continuous else np.zeros((steps, E), np.int64),
+                "episode_seed": np.zeros((steps, E), np.int64), "episode_step": np.zeros((steps, E), np.int64)}
 
-    def start_episode(self, e):
-        """Reset environment e with its next episode's seed; returns the first observation."""
-        return self.envs[e].reset(seed=self.episode_seed[e])[0]
+    def draw_actions(self, net, theta):
+        """pi_theta at every environment's observation, in ONE forward pass: (logits (E, A), actions),
+        each environment's action drawn with its own generator. For a Gaussian policy the "logits"
+        are z = [mu, log sigma], (E, 2d), and the actions (E, d)."""
+        logits, _ = net.forward(theta, self.obs)
+        dist = net.distribution
+        return logits, dist.sample(logits, [dist.noise(rng, net.sizes[-1]) for rng in self.action_rngs])
+
+    def step_environments(self, batch, t, logits, actions):
+        """Every environment takes its action of time step t; the transitions go into row t of batch.
+        An environment whose episode ends starts the next one, with a seed from its generator."""
+        batch["obs"][t], batch["logits"][t], batch["actions"][t] = self.obs, logits, actions
+        batch["episode_seed"][t] = self.episode_seed
+        batch["episode_step"][t] = [len(taken) for taken in self.episode_actions]
+        # ints for the loop below; continuous actions stay rows of the (E, d) array, as the env's clip wants
+        actions = actions.tolist() if actions.ndim == 1 else actions
+        # The hot path: Python lists per environment, copied into the arrays once per step.
+        E = len(self.envs)
+        rewards, next_obs, obs_after = [0.0] * E, [None] * E, [None] * E
+        for e in range(E):
+            obs, rewards[e], terminated, truncated, _ = self.envs[e].step(actions[e])
+            self.episode_actions[e].append(actions[e])
+            self.episode_return[e] += rewards[e]
+            next_obs[e] = obs
+            if terminated or truncated:
+                next_obs[e] = np.array(obs)  # a copy: the reset below must not change it
+                batch["terminated"][t, e] = terminated
+                batch["truncated"][t, e] = truncated
+                batch["episode_return"][t, e] = self.episode_return[e]
+                self.episode_return[e] = 0.0
+                self.episode_seed[e] = int(self.action_rngs[e].integers(TRAIN_SEED_LIMIT))
+                self.episode_actions[e] = []
+                obs = self.envs[e].reset(seed=self.episode_seed[e])[0]
+            obs_after[e] = obs
+        batch["rewards"][t] = rewards
+        batch["next_obs"][t] = next_obs
+        self.obs = np.array(obs_after, dtype=np.float64)
 
     def close(self):
         for env in self.envs:
             env.close()
-
-
-def single_path_sampler(env_id, env_seeds, action_seeds):
-    """A SinglePathSampler on new environments: what each worker of ParallelSampler owns."""
-    return SinglePathSampler([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
 
 
 # ----------------------------------------------------------------------------
@@ -344,14 +351,6 @@ def surrogate(logits, actions, logp_old, advantages, dist=Categorical):
     return np.mean(ratio * advantages), grad
 
 
-def single_path_problem(batch, dist=Categorical):
-    """The states of the single-path step and what Eq. (14) needs there: (states (N, D), actions (N,)
-    or (N, d), log pi_old(a|s) (N,)), N = T * E in row-major (t, e) order, as the advantages are."""
-    states = batch["obs"].reshape(-1, batch["obs"].shape[-1])
-    actions = batch["actions"].reshape(len(states), *batch["actions"].shape[2:])
-    return states, actions, dist.log_prob(batch["logits"].reshape(len(states), -1), actions)
-
-
 def entropy_bonus(logits, dist=Categorical):
     """Mean policy entropy H = mean_i H(pi(.|s_i)) and its gradient in the logits, dist.entropy_grad / N.
     An addition (--entropy-coef), not in the paper: it rewards keeping the policy random, against
@@ -374,7 +373,7 @@ def mean_kl(logits_old, logits_new, dist=Categorical):
 
 
 # ----------------------------------------------------------------------------
-# 4.-6. The step: conjugate gradient, maximal step, line search (Appendix C)
+# 4. The step: Fisher-vector product, conjugate gradient, maximal step, line search (Appendix C)
 # ----------------------------------------------------------------------------
 
 def fisher_vector_product(net, theta, cache, logits, v, damping, slopes=None):
@@ -433,8 +432,7 @@ def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_bac
     theta_old + backtrack_coeff^k * full_step for k = 0, 1, ...; accept the first step whose
     mean KL is at most delta (never above: no slack) and whose surrogate improves by more
     than min_improvement. Returns (success, theta, improvement, kl, backtracks). On failure
-    theta is theta_old itself, not the last rejected try; on success it is the last theta
-    evaluated (trpo_step reuses that evaluation's logits).
+    theta is theta_old itself, not the last rejected try.
     """
     for k in range(max_backtracks):
         theta = theta_old + backtrack_coeff ** k * full_step
@@ -444,35 +442,41 @@ def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_bac
     return False, theta_old, 0.0, 0.0, max_backtracks
 
 
-def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
-    """One TRPO policy update (Sec. 6, solved as in Appendix C). Shared by both sampling schemes.
+@dataclass
+class Step:
+    """What a policy step did, for the log: accepted, the mean KL reached, the line search's backtracks,
+    the improvement of L the linear model predicted for the step taken and the one reached, and why
+    no step was taken ("" if one was)."""
+    accepted: bool = False
+    kl: float = 0.0
+    backtracks: int = 0
+    expected_improve: float = 0.0
+    actual_improve: float = 0.0
+    skipped: str = ""
 
-    `surrogate_of_logits(logits)` returns (L, dL/dlogits) for the scheme's surrogate
-    on `states`. In the code's symbols:
-      1. g = dL/dtheta at theta_old (backprop of dL/dz)
-      2. x = (F + damping I)^-1 g by conjugate gradient, F the Fisher (= Hessian of KLbar) at
-         theta_old; the damping keeps CG well conditioned
-      3. beta = sqrt(2 delta / x^T (F + damping I) x): the quadratic KL model of the step is
-         at most delta (the damping makes it a little less: about 0.7 delta at the defaults)
-      4. full_step = beta x; first-order predicted improvement g . full_step
-      5. line search: shrink until KLbar <= delta and L improves; else keep theta_old
-    Returns (theta_new, info) with the diagnostics the log line shows; info["logits_new"] holds
-    the policy's logits on `states` at theta_new.
-    """
-    dist = net.distribution
+
+def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
+    """Step 4 of the loop: one TRPO policy update (Sec. 6, solved as in Appendix C), the same for both
+    schemes. `surrogate_of_logits(logits)` returns (L, dL/dlogits) for the scheme's surrogate on `states`.
+
+      4a. g = dL/dtheta at theta_old (backprop of dL/dz)
+      4b. x = (F + damping I)^-1 g by conjugate gradient, F the Fisher (the Hessian of KLbar at theta_old)
+          on every k-th state; the damping keeps CG well conditioned
+      4c. beta = sqrt(2 delta / x^T (F + damping I) x), the full step beta x: its quadratic KL model is
+          delta (the damping makes its real KL a little less: about 0.7 delta at the defaults)
+      4d. line search: shrink the step until KLbar <= delta and L improves; if none does, keep theta_old
+
+    Returns (theta_new, Step). A gradient that is zero or not finite, or a curvature x^T F x that is
+    not positive, takes no step, and says so."""
     logits_old, cache = net.forward(theta_old, states)
     L_old, dL_dlogits = surrogate_of_logits(logits_old)
-    info = {"kl": 0.0, "kl_largest_state": 0.0, "backtracks": 0, "expected_improve": 0.0, "actual_improve": 0.0,
-            "accepted": False, "entropy": float(np.mean(dist.entropy(logits_old))), "logits_new": logits_old}
 
-    # 1. the policy gradient
+    # 4a. the policy gradient
     g = net.backward(theta_old, cache, dL_dlogits)
     if not np.all(np.isfinite(g)) or not np.any(g):
-        info["skipped"] = "gradient is zero or not finite"
-        return theta_old, info
+        return theta_old, Step(skipped="gradient is zero or not finite")
 
-    # 2. natural gradient direction x = (F + damping I)^-1 g, F estimated on every k-th row of `states`
-    # (the forward pass's cache holds every layer's input: its every k-th row is that state's)
+    # 4b. the natural-gradient direction: F on every k-th row of the forward pass's cache (each layer's input)
     fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]
     fisher_logits = logits_old[::cfg.fisher_subsample]
     fisher_slopes = net.tanh_slopes(fisher_cache)  # tanh' of each layer, the same in every product: once
@@ -481,43 +485,35 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
         return fisher_vector_product(net, theta_old, fisher_cache, fisher_logits, v, cfg.damping, fisher_slopes)
     x = conjugate_gradient(Fvp, g, cfg.cg_iters)
 
-    # 3. step size from the quadratic model of the KL: 1/2 (beta x)^T (F + damping I) (beta x) = delta
+    # 4c. the step's length from the quadratic model of the KL, and the improvement a linear model of L predicts
     x_F_x = x @ Fvp(x)
     if not (np.all(np.isfinite(x)) and np.isfinite(x_F_x) and x_F_x > 0):
-        info["skipped"] = "conjugate gradient gave a non-finite or non-positive x^T F x"
-        return theta_old, info
-
-    # 4. the full step and the improvement a linear model of L predicts for it
+        return theta_old, Step(skipped="conjugate gradient gave a non-finite or non-positive x^T F x")
     full_step = maximal_step(x, x_F_x, cfg.max_kl)
     expected = g @ full_step
 
-    # 5. backtracking line search on the true surrogate and KL
-    tried = {}  # the logits of the last theta evaluated: the accepted one, if any, is the last
-
+    # 4d. backtracking line search on the true surrogate and KL
     def evaluate(theta):
-        tried["logits"] = logits = net.forward(theta, states)[0]
-        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits, dist)
+        logits = net.forward(theta, states)[0]
+        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits, net.distribution)
     if cfg.trust_region:
-        # Rounding moves L by about 1e-16 of max(1, |L_old|); 1e-10 of it is far above that, and
-        # still far below any real improvement. Without a threshold, a gradient that is
-        # really zero (every action equally good) would "improve" on rounding noise.
-        ok, theta_new, improvement, kl_reached, backtracks = line_search(
+        # Rounding moves L by about 1e-16 of max(1, |L_old|); 1e-10 of it is far above that, and still
+        # far below any real improvement. Without a threshold, a gradient that is really zero (every
+        # action equally good) would "improve" on rounding noise.
+        accepted, theta_new, improvement, kl_reached, backtracks = line_search(
             evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks,
             min_improvement=1e-10 * max(1.0, abs(L_old)))
     else:  # --no-trust-region: the natural-gradient step of the same size, taken whatever it does
-        ok, theta_new, backtracks = True, theta_old + full_step, 0
+        accepted, theta_new, backtracks = True, theta_old + full_step, 0
         improvement, kl_reached = evaluate(theta_new)
-    info.update(kl=kl_reached, backtracks=backtracks, accepted=ok, actual_improve=improvement,
-                expected_improve=expected * cfg.backtrack_coeff ** backtracks if ok else expected)
-    info["logits_new"] = tried["logits"] if ok else logits_old
-    info["kl_largest_state"] = float(np.max(dist.kl(logits_old, info["logits_new"])))  # D_KL^max of Sec. 3
-    if not ok:
-        info["skipped"] = "line search failed, keeping old parameters"
-    return theta_new, info
+    if not accepted:
+        return theta_old, Step(backtracks=backtracks, expected_improve=expected,
+                               skipped="line search failed, keeping old parameters")
+    return theta_new, Step(True, kl_reached, backtracks, expected * cfg.backtrack_coeff ** backtracks, improvement)
 
 
 # ----------------------------------------------------------------------------
-# 7. The value function (GAE paper Sec. 5)
+# 5. The value function (GAE paper Sec. 5)
 # ----------------------------------------------------------------------------
 
 class ValueFunction:
@@ -569,219 +565,131 @@ class ValueFunction:
         return float(np.mean((self.predict(states) - targets) ** 2))
 
 
-def fit_value_function(value_fn, states, targets, cfg, rng):
-    """Step 7: refit V to this batch's value targets, for the next iteration's advantages.
+def fit_value_function(value_fn, problem, cfg, rng):
+    """Step 5 of the loop: refit V to this iteration's value targets, for the next iteration's advantages.
 
     Returns (mean squared error after the fit, "" or why the fit was skipped): one target
     that is not finite would poison every weight of V, so such a batch is not fitted."""
-    if not np.all(np.isfinite(targets)):
+    if not np.all(np.isfinite(problem.value_targets)):
         return float("nan"), "value targets not finite, value fit skipped"
-    return value_fn.fit(states, targets, cfg.vf_epochs, cfg.vf_minibatch, rng), ""
+    return value_fn.fit(problem.fit_states, problem.value_targets, cfg.vf_epochs, cfg.vf_minibatch, rng), ""
 
 
 # ----------------------------------------------------------------------------
-# The loop: the practical algorithm of Sec. 6
+# The vine (TRPO Sec. 5.2): trunk, rollout set, a branch per action, Eq. (15) or (16)
 # ----------------------------------------------------------------------------
 
-def train_iteration(state, sampler):
-    """One iteration of Sec. 6's practical algorithm, with the GAE paper's value fit.
+class VineSampler:
+    """The vine (TRPO Sec. 5.2), three steps each iteration:
 
-    Updates state (theta, V, the counters) and returns the iteration's row of progress.csv."""
-    cfg, net, value_fn = state.cfg, state.policy_net, state.value_fn
-    start = time.perf_counter()
-    # 1. sample with pi_old: the single paths, or the vine's trunk and its branches
-    batch = sampler.sample(net, state.theta, cfg.steps_per_env)
+      (a) the trunk: sample trajectories under pi_old with the single-path sampler;
+      (b) the rollout set: choose N of the trunk's T x E states at random;
+      (c) from each state s_n, once per action a of its action set: restore the simulator to s_n
+          (by seeded replay, exact), take a, then follow pi_old for a branch of H steps in all, whose
+          return (branch_rollout) estimates Q(s_n, a).
 
-    # 2. advantages on the (trunk) trajectories; V learns from them in both schemes
-    advantages, value_targets, values = estimate_advantages(batch, value_fn, cfg)
-    fit_states = batch["obs"].reshape(cfg.batch_size, -1)
-
-    # 3. the scheme's surrogate, over the states the step is taken on
-    if cfg.scheme == "vine":  # Eq. (15) or (16) over the rollout set
-        states, surrogate_of_logits, branch_values = vine_problem(batch, net.distribution)
-        # for the log (progress_row): the surrogate in the return's units, and Theorem 1's eps = max |A|
-        logits_old, in_return_units = batch["rollout_logits"], surrogate_of_logits
-        largest_advantage = np.nanmax(np.abs(batch["Q"] - branch_values[:, None]))
-        if cfg.vine_bootstrap:  # an addition: V also learns the branches' estimates of V(s_n)
-            fit_states = np.concatenate([fit_states, states])
-            value_targets = np.concatenate([value_targets, branch_values])
-            values = np.concatenate([values, value_fn.predict(states)])
-    else:  # Eq. (14) over the whole batch
-        states, actions, logp_old = single_path_problem(batch, net.distribution)
-        logits_old = batch["logits"].reshape(len(states), -1)
-        step_advantages = standardize(advantages) if cfg.normalize_advantages else advantages
-
-        def surrogate_of_logits(logits):
-            return surrogate(logits, actions, logp_old, step_advantages, net.distribution)
-
-        def in_return_units(logits):  # for the log: the same surrogate with the advantages unscaled
-            return surrogate(logits, actions, logp_old, advantages, net.distribution)
-        largest_advantage = np.max(np.abs(advantages))
-    objective = (with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef, net.distribution) if cfg.entropy_coef
-                 else surrogate_of_logits)
-
-    # 4.-6. the trust-region step. 7. The value fit needs nothing from it: a second thread does
-    # it meanwhile, on the core the step leaves idle (NumPy releases Python's lock in its array work).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
-        value_fit = background.submit(fit_value_function, value_fn, fit_states, value_targets, cfg, state.rng)
-        state.theta, step = trpo_step(net, state.theta, states, objective, cfg)
-    value_loss, value_skipped = value_fit.result()
-
-    state.record(batch, cfg.batch_size)
-    surrogate_change = in_return_units(step["logits_new"])[0] - in_return_units(logits_old)[0]
-    return progress_row(state, batch, step, surrogate_change, largest_advantage,
-                        value_loss, value_skipped, explained_variance(values, value_targets),
-                        time.perf_counter() - start)
-
-
-def read_checkpoint(path):
-    """(snapshot, Config) of a checkpoint file, for train(cfg, resume=snapshot); or UserError in one sentence."""
-    saved = run_files.read_checkpoint(path)
-    try:
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
-    except TypeError:
-        raise UserError(f"'{path}' is a checkpoint of another version of trpo_numpy.py.") from None
-    return saved, cfg
-
-
-def solved(history, stop_return):
-    """Whether the last iteration's rolling return reached stop_return (never, if that is None)."""
-    return stop_return is not None and bool(history) and history[-1]["rolling_return"] >= stop_return
-
-
-def first_crossing(history, threshold):
-    """The first iteration's row whose rolling return reached threshold, else None (also if threshold is None)."""
-    if threshold is None:
-        return None
-    return next((row for row in history if row["rolling_return"] >= threshold), None)
-
-
-def train(cfg, verbose=True, resume=None, progress_bar=True):
-    """Train a policy with TRPO, writing progress.csv, config.json, checkpoint.npz, policy.npz and
-    plots to cfg.out_dir(). `resume` is a snapshot (read_checkpoint) to continue from. verbose
-    prints a log line per iteration, progress_bar draws a bar on a terminal.
-
-    Returns (policy_net, theta, history) where history holds one dict per iteration. From Python:
-        net, theta, history = train(scheme_config("single", env="CartPole-v1", total_steps=50_000))"""
-    cli.validate(cfg)  # a value the algorithm cannot run with ends here, in one sentence (UserError)
-    obs_dim, num_actions, continuous = env_dims(cfg.env)  # a bad env fails here, before any folder or worker
-    rng = np.random.default_rng(cfg.seed)
-    # discrete actions: an MLP giving a categorical's logits; continuous: a Gaussian policy (network.py)
-    policy_net = policy_network([obs_dim, *cfg.hidden, num_actions], continuous)
-    theta = policy_net.init(rng, output_gain=0.01)  # every action nearly equally likely at first (a Gaussian: mean 0)
-    if continuous:
-        theta[policy_net.mean_params:] = cfg.log_std_init
-    value_fn = ValueFunction(MLP([obs_dim, *cfg.hidden, 1]), rng, lr=cfg.vf_lr)
-    state = run_files.TrainingState(cfg, policy_net, value_fn, rng, theta)  # what a checkpoint holds
-    if resume is not None:
-        state.restore(resume)
-    run = run_files.RunFolder(
-        cfg.out_dir(), not cfg.out, dataclasses.asdict(cfg), state.run_id, state.history,
-        resuming=resume is not None, sizes=(policy_net.sizes, value_fn.net.sizes), verbose=verbose,
-        progress_bar=progress_bar,
-        plot_labels=dict(scheme_name=SCHEME_NAMES[cfg.scheme], solved_at=reward_threshold(cfg.env)))
-    cfg.out = run.out_dir  # without --out, a new folder: runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken
-    if verbose:
-        cli.notes(cfg, state.env_steps)  # what the run will do otherwise than asked (whole batches, ...)
-    snapshot, sampler = state.snapshot(), None
-    start = time.perf_counter() - state.wall_s
-    try:
-        # After a resume the simulators cannot be restored (Box2D state is not saved): the
-        # environments start new episodes, seeded from the restored generator.
-        sampler = make_sampler(cfg, rng, value_fn)
-        while state.env_steps < cfg.total_steps and not solved(state.history, cfg.stop_return):
-            parallel.raise_if_stop_requested()
-            state.iteration += 1
-            row = train_iteration(state, sampler)
-            state.wall_s = row["wall_s"] = time.perf_counter() - start
-            state.history.append(row)
-            snapshot = state.snapshot()
-            run.record(row, snapshot)  # progress.csv, the log line; every save_every, checkpoint and policy
-    finally:
-        # Whatever stopped the loop (the end, Ctrl-C, an error), keep what the finished iterations
-        # made; a second Ctrl-C waits until that is written.
-        with parallel.signals_held():
-            try:
-                run.finish(snapshot)  # checkpoint.npz, policy.npz, the plots: a run to --resume, even at iteration 0
-            finally:
-                if sampler is not None:
-                    sampler.close()
-    return policy_net, state.theta, state.history
-
-
-def progress_row(state, batch, step, surrogate_change, largest_advantage, value_loss, value_skipped,
-                 value_explained, seconds):
-    """The iteration's row of progress.csv: what the step did, and what Theorem 1 says of it."""
-    cfg, ended = state.cfg, batch["episode_return"]
-    predicted, penalty = predicted_return_change(surrogate_change, cfg.batch_size, np.sum(~np.isnan(ended)),
-                                                 step["kl_largest_state"], largest_advantage, cfg.gamma)
-    batch_return = float(np.nanmean(ended)) if np.any(~np.isnan(ended)) else float("nan")
-    previous = state.history[-1]["batch_return"] if state.history else float("nan")
-    recent = state.episode_returns[-100:]
-    rollout_states = len(batch["rollout_states"]) if "rollout_states" in batch else 0
-    return {
-        "iteration": state.iteration,
-        "env_steps": state.env_steps,
-        "rolling_return": float(np.mean(recent)) if recent else float("nan"),
-        "episodes": len(state.episode_returns),
-        "kl": step["kl"],
-        "backtracks": step["backtracks"],
-        "accepted": int(step["accepted"]),
-        "expected_improve": step["expected_improve"],
-        "actual_improve": step["actual_improve"],
-        "entropy": step["entropy"],
-        "value_loss": value_loss,
-        "explained_variance": value_explained,
-        "steps_per_s": cfg.batch_size / seconds,
-        "trunk_steps": cfg.batch_size,
-        "branch_steps": batch.get("branch_steps", 0),
-        "rollout_states": rollout_states,
-        "restores_per_s": batch.get("restores", 0) / batch.get("branch_seconds", seconds),
-        "max_kl_state": step["kl_largest_state"],
-        "predicted_return_change": predicted,
-        "theorem_penalty": penalty,
-        "batch_return": batch_return,
-        "return_change": batch_return - previous,
-        "skipped": "; ".join(why for why in (step.get("skipped", ""), value_skipped) if why),
-    }
-
-
-def predicted_return_change(surrogate_change, steps, episodes, kl_largest_state, largest_advantage, gamma):
-    """What a step predicts for the episode return, and what TRPO's Theorem 1 says of the prediction.
-
-    The performance-difference identity (Kakade & Langford 2002; TRPO Eq. 1) gives
-    eta(pi_new) - eta(pi_old) = E_{tau ~ pi_new}[ sum_t gamma^t A_old(s_t, a_t) ]. The surrogate
-    takes the states from pi_old instead, and this estimate also drops gamma^t (0.999^t is 0.4
-    to 0.8 over LunarLander's episodes of a few hundred steps: one reason it is rough), so the step predicts a change of the episode return
-    of (mean episode length) x (L(theta_new) - L(theta_old)) in the return's units: an
-    approximation, to compare with what follows. Theorem 1 (stated with the total-variation
-    distance, Eq. 8) bounds the cost of swapping the states; its KL form, Eq. (9), is
-    eta(pi_new) >= L(pi_new) - C max_s KL(pi_old || pi_new), C = 4 eps gamma / (1 - gamma)^2, eps = max |A|.
-    Returns (predicted change, C max_s KL): the penalty is usually far larger than any
-    improvement, which is why the paper replaces it by the constraint KLbar <= delta.
+    The action set is every action (the all-actions estimator, Eq. 15) or K draws from q (uniform,
+    or pi_old), for the importance-sampling estimator of Eq. (16). All branches from one state share
+    one stream of random numbers (common random numbers), so the differences between their Q values,
+    which drive the update, have low variance.
     """
-    mean_episode_length = steps / max(episodes, 1)
-    penalty = 4 * largest_advantage * gamma / (1 - gamma) ** 2 * kl_largest_state if gamma < 1 else float("inf")
-    return mean_episode_length * surrogate_change, penalty
+
+    def __init__(self, trunk, cfg, rng, value_fn):
+        self.trunk, self.cfg, self.rng, self.value_fn = trunk, cfg, rng, value_fn
+
+    def sample(self, net, theta, steps):
+        """The trunk's batch (SinglePathSampler's), and what the branches found: rollout_states (N, D) and
+        rollout_logits in row-major (t, e) order, their action_sets (N, K, ...), Q (N, K), proposal (N, K,
+        q of each drawn action; None with every action), branch_steps and restores (counts)."""
+        cfg, dist = self.cfg, net.distribution
+        actions_before = [list(taken) for taken in self.trunk.episode_actions]  # episodes begun before this batch
+        # (a) the trunk
+        batch = self.trunk.sample(net, theta, steps)
+        # (b) the rollout set, and the random numbers of its branches
+        rollout, noise, draws = choose_rollout_set(self.rng, batch["obs"].shape[:2], cfg, dist, net.sizes[-1])
+        logits = batch["logits"][rollout]
+        action_sets, proposal = branch_actions(logits, draws, cfg.vine_proposal, dist, net.sizes[-1])
+        # (c) from each state, a branch for each action of its set, all with the state's own noise
+        Q = np.zeros(action_sets.shape[:2])
+        branch_steps, bootstrap, act = 0, self.value_fn if cfg.vine_bootstrap else None, one_state_policy(net, theta)
+        for n, (t, e) in enumerate(np.argwhere(rollout)):
+            episode = episode_so_far(actions_before[e], batch, t, e)
+            for k, action in enumerate(action_sets[n]):
+                env = restore_by_replay(make_env(cfg.env), batch["episode_seed"][t, e], episode)
+                Q[n, k], H = branch_rollout(env, action, act, noise[n], cfg.gamma, bootstrap, cfg.lam)
+                env.close()
+                branch_steps += H
+        batch.update(rollout_states=batch["obs"][rollout], rollout_logits=logits, Q=Q, action_sets=action_sets,
+                     proposal=proposal, branch_steps=branch_steps, restores=Q.size)
+        return batch
+
+    def close(self):
+        self.trunk.close()
 
 
-def explained_variance(prediction, target):
-    """1 - Var(target - prediction) / Var(target): 1 is perfect, 0 no better than the mean."""
-    var = np.var(target)
-    return float(1 - np.var(target - prediction) / var) if var > 0 else float("nan")
+def choose_rollout_set(rng, trunk_shape, cfg, dist, num_actions):
+    """Step (b) of the vine: N = min(vine_states, T E) of the trunk's states, as a (T, E) mask, and their
+    random numbers, one row per state in row-major (t, e) order: noise (N, H, ...), the stream its
+    branches share (common random numbers), and draws (N, K, ...), which pick its K actions from q
+    (None with every action)."""
+    N = min(cfg.vine_states, trunk_shape[0] * trunk_shape[1])
+    rollout = np.zeros(trunk_shape, dtype=bool)
+    rollout.flat[rng.choice(rollout.size, size=N, replace=False)] = True
+    noise = dist.noise(rng, num_actions, (N, cfg.vine_horizon))
+    draws = dist.noise(rng, num_actions, (N, cfg.vine_actions)) if cfg.vine_actions else None
+    return rollout, noise, draws
 
 
-# ----------------------------------------------------------------------------
-# The vine (TRPO Sec. 5.2)
-# ----------------------------------------------------------------------------
+def branch_actions(logits, draws, proposal, dist, num_actions):
+    """The action set of each rollout state, (N, K, ...), and q of each drawn action, (N, K): every action
+    (Eq. 15: K = A, q None), or K actions drawn with `draws` from q, uniform (equal logits) or pi_old
+    (the state's own logits), for Eq. (16)."""
+    if draws is None:
+        return np.tile(np.arange(num_actions), (len(logits), 1)), None
+    N, K = draws.shape[:2]
+    q_logits = np.repeat(logits if proposal == "pi_old" else np.zeros_like(logits), K, axis=0)  # (N K, ...)
+    actions = dist.sample(q_logits, draws.reshape(N * K, *draws.shape[2:]))
+    q = np.exp(dist.log_prob(q_logits, actions)).reshape(N, K)
+    return actions.reshape(N, K, *actions.shape[1:]), q
 
-def branch_rollout(env, first_action, net, theta, noise, gamma, value_fn=None, lam=1.0):
-    """One branch of the vine: from env's current state take `first_action`, then follow pi_theta.
+
+def episode_so_far(actions_before, batch, t, e):
+    """The actions environment e's episode took before step t of the batch (`actions_before`: those of its
+    episode before the batch began): replayed from the episode's seed, they rebuild the state s_t."""
+    taken = actions_before + list(batch["actions"][:t, e])
+    return taken[len(taken) - batch["episode_step"][t, e]:]
+
+
+def restore_by_replay(env, seed, actions):
+    """Bring env to the state an episode reached: reset it with the episode's seed, then take the episode's
+    actions again. Returns env.
+
+    Exact: the simulator is deterministic and its reset seeds the terrain, provided env keeps no
+    contact caches from earlier episodes. LunarLander's reset builds a new Box2D world; BipedalWalker's
+    keeps its world, which is why the vine replays in a new environment. It costs one step per step of
+    the episode so far (engine.py restores older states by fork instead, exact too and cheaper)."""
+    env.reset(seed=int(seed))
+    for action in actions:
+        env.step(action)
+    return env
+
+
+def one_state_policy(net, theta):
+    """pi_theta for one state at a time, as a branch follows it: act(obs, u), the action at observation obs
+    drawn with the random numbers u (a uniform for a categorical, d standard normals for a Gaussian)."""
+    def act(obs, u):
+        logits, _ = net.forward(theta, np.asarray(obs, dtype=np.float64)[None])  # (1, A): one state
+        return net.distribution.sample(logits, u[None])[0]
+    return act
+
+
+def branch_rollout(env, first_action, act, noise, gamma, value_fn=None, lam=1.0):
+    """One branch of the vine: from env's current state take `first_action`, then follow the policy act
+    (one_state_policy: pi_old).
 
     The branch runs len(noise) steps at most, the first action included, and stops earlier if
-    the episode ends; H below is the number of steps it took. Step l samples its action with
-    noise[l] (a uniform for a categorical policy, d standard normals for a Gaussian one), so
-    branches given the same noise share their random numbers. Returns (Q, H).
+    the episode ends; H below is the number of steps it took. Step l draws its action with
+    noise[l], so branches given the same noise share their random numbers. Returns (Q, H).
 
     With value_fn None, Q is the paper's Monte-Carlo estimate sum_l gamma^l r_l. Otherwise Q
     is the branch's lambda-return, an addition of ours (neither paper bootstraps a branch),
@@ -793,26 +701,11 @@ def branch_rollout(env, first_action, net, theta, noise, gamma, value_fn=None, l
     lam = 1 gives sum_l gamma^l r_l + gamma^H V(s_H); a smaller lam trusts V more and the far,
     noisy end of the branch less: where the branches of a state have drifted apart, their
     distant rewards differ by chance, not because of the first action.
-
-    The branch steps env through cli.direct_step, which leaves env's time-limit count behind: env is a
-    forked copy, thrown away after, or the replay's spare environment, reset before its next use.
     """
-    layers = net.unflatten(theta)  # split once: each step's policy pass is then three small products
-    sigma = np.exp(theta[net.mean_params:]) if net.distribution is DiagonalGaussian else None
-    step = direct_step(env)  # env.step past Gymnasium's wrappers, for discrete actions (cli.py): a branch is cheaper
-    obs, reward, terminated, truncated, _ = step(first_action)
+    obs, reward, terminated, truncated, _ = env.step(first_action)
     rewards, observations = [reward], [obs]
     while len(rewards) < len(noise) and not (terminated or truncated):
-        h = np.asarray(obs, dtype=np.float64)  # (D,): one state, so vector-matrix products
-        for W, b in layers[:-1]:
-            h = np.tanh(h @ W + b)
-        W, b = layers[-1]
-        z = h @ W + b
-        if sigma is not None:  # a Gaussian policy: z is the mean, a = mu + sigma * n
-            action = z + sigma * noise[len(rewards)]
-        else:
-            action = sample_one(z, noise[len(rewards)])  # network.sample's rule, for one state
-        obs, reward, terminated, truncated, _ = step(action)
+        obs, reward, terminated, truncated, _ = env.step(act(obs, noise[len(rewards)]))
         rewards.append(reward)
         observations.append(obs)
     if value_fn is None:
@@ -824,202 +717,6 @@ def branch_rollout(env, first_action, net, theta, noise, gamma, value_fn=None, l
     for reward, value in zip(reversed(rewards), reversed(values)):
         G = reward + gamma * ((1 - lam) * value + lam * G)
     return float(G), len(rewards)
-
-
-def replay(env, seed, actions):
-    """Rebuild a state without fork: reset env with the episode's seed and replay its actions.
-
-    Exact, because the simulator is deterministic and its reset seeds the terrain's generator,
-    provided no contact cache survives from before: LunarLander's reset builds a new Box2D world,
-    and VineTrunk gives environments whose reset keeps theirs (BipedalWalker) a new env for each
-    replay. It costs one step per step of the episode so far. Returns env."""
-    env.reset(seed=seed)
-    for action in actions:
-        env.step(action)
-    return env
-
-
-class VineTrunk(SinglePathSampler):
-    """One worker's share of the vine: some trunk environments, and the branches from their rollout states.
-
-    Each worker (one per core) steps its trunk environments under pi_old and, as a trunk
-    passes a rollout state, restores the simulator there once per action of the state's
-    action set and runs that branch. Two exact ways to restore, giving the same Q:
-    a fork of this small worker process (parallel.ForkPool: a few ms, the simulator's own
-    random state included; two branches run at a time while the trunk goes on), or a
-    replay of the episode so far in a spare environment (one step per step so far).
-    restore = "auto" replays states younger than the number of steps a fork costs.
-    """
-
-    def __init__(self, env_id, env_seeds, action_seeds, restore):
-        super().__init__([make_env(env_id) for _ in env_seeds], env_seeds, action_seeds)
-        self.env_id = env_id
-        self.episode_actions = [[] for _ in env_seeds]  # each current episode's actions so far, for replay
-        self.spare = make_env(env_id)  # where states are rebuilt by replay
-        # A Box2D world keeps caches (contacts, warm starts) from step to step, so a replay is exact only
-        # in a world that the reset built anew. LunarLander's reset builds one; BipedalWalker's keeps its
-        # world, so there each replay gets a new environment.
-        world = getattr(self.spare.unwrapped, "world", None)
-        self.spare.reset(seed=0)
-        self.new_env_per_replay = world is not None and self.spare.unwrapped.world is world
-        self.pool = parallel.ForkPool(max_children=2) if restore != "replay" else None
-        # replay a state whose episode has run fewer steps than this, fork from any other
-        if restore == "auto":
-            self.replay_below = self.steps_per_fork()
-        else:
-            self.replay_below = 0 if restore == "fork" else float("inf")
-
-    def steps_per_fork(self):
-        """How many simulator steps cost as much as restoring a state by fork, measured here (the
-        cost of a fork differs a lot between machines). The steps timed are cheap ones (the lander
-        falls, then lies on the ground), which puts the figure on the side of replaying."""
-        shape = self.spare.action_space.shape
-        no_action = np.zeros(shape) if shape else 0  # action 0, or a zero vector: LunarLander's engines off
-
-        def twenty_steps():
-            for _ in range(20):
-                _, _, terminated, truncated, _ = self.spare.step(no_action)  # LunarLander: falling, then lying
-                if terminated or truncated:  # an episode this short (CartPole) starts again
-                    self.spare.reset(seed=0)
-        self.spare.reset(seed=0)
-        twenty_steps()  # warm up
-        seconds, fork_seconds = self.pool.fork_overhead(twenty_steps)
-        return fork_seconds / (seconds / 20)
-
-    def sample(self, net, theta, steps, rollout, noise, draws, proposal, gamma, value_fn, lam):
-        """The trunk batch of this worker's E environments, plus what the branches found.
-
-        `rollout` (T, E) marks the rollout states. Row i of `noise` (n, H, ...) is the stream of
-        random numbers of the i-th of them in row-major (t, e) order, shared by all its branches;
-        row i of `draws` (n, K, ...) holds the random numbers that draw its K actions from q
-        (`proposal`: "uniform" or "pi_old"); draws is None to branch on every action. Adds to the
-        batch, per state: action_sets (T, E, K, ...), its K actions; Q (T, E, K), the Q of each (NaN
-        away from rollout states); q_drawn (T, E, K), q of each drawn action; branch_steps and
-        branches (T, E), the steps simulated and the branches run.
-        """
-        dist, A = net.distribution, net.sizes[-1]
-        K = A if draws is None else draws.shape[1]
-        action_shape = (A,) if dist is DiagonalGaussian else ()
-        Q = np.full((*rollout.shape, K), np.nan)
-        action_sets = np.zeros((*rollout.shape, K, *action_shape), dtype=np.float64 if action_shape else np.int64)
-        q_drawn = np.ones((*rollout.shape, K))
-        branch_steps = np.zeros(rollout.shape, dtype=np.int64)
-        branches = np.zeros(rollout.shape, dtype=np.int64)
-        results = {}  # (t, e, k) -> (Q, branch steps) of the k-th action of the state's set
-        shared = {}  # (t, e) -> for each k, the k' whose branch gives its Q (a repeated draw: the first)
-        row = np.cumsum(rollout.ravel()).reshape(rollout.shape) - 1  # (t, e) -> its row of noise and draws
-
-        def branch(t, e):
-            if draws is None:
-                actions = np.arange(A)  # all actions: Eq. (15)
-            else:  # K draws from q: Eq. (16)
-                q_logits = np.tile(self.logits[e] if proposal == "pi_old" else np.zeros(A), (K, 1))
-                actions = dist.sample(q_logits, draws[row[t, e]])
-                q_drawn[t, e] = np.exp(dist.log_prob(q_logits, actions))
-            action_sets[t, e] = actions
-            # a repeated draw shares its branch: same action, same numbers
-            _, first, same = np.unique(actions, axis=0, return_index=True, return_inverse=True)
-            shared[(t, e)] = first[same.ravel()]
-            for k in first:
-                if len(self.episode_actions[e]) >= self.replay_below:
-                    self.pool.submit((t, e, k), lambda a=actions[k]: branch_rollout(
-                        self.envs[e], a, net, theta, noise[row[t, e]], gamma, value_fn, lam))
-                else:
-                    env = make_env(self.env_id) if self.new_env_per_replay else self.spare
-                    replay(env, self.episode_seed[e], self.episode_actions[e])
-                    results[(t, e, k)] = branch_rollout(env, actions[k], net, theta, noise[row[t, e]], gamma,
-                                                        value_fn, lam)
-                    if env is not self.spare:
-                        env.close()
-
-        self.rollout, self.branch = rollout, branch
-        batch = super().sample(net, theta, steps)
-        if self.pool is not None:
-            results.update(self.pool.gather())
-        for (t, e, k), (q_value, n) in results.items():
-            Q[t, e, k] = q_value
-            branch_steps[t, e] += n
-            branches[t, e] += 1
-        for (t, e), first in shared.items():
-            Q[t, e] = Q[t, e, first]
-        batch.update(Q=Q, action_sets=action_sets, q_drawn=q_drawn, branch_steps=branch_steps, branches=branches)
-        return batch
-
-    def step(self, t, e, action):
-        """Before the trunk moves on from a rollout state, branch from it (the simulator is there now)."""
-        if self.rollout[t, e]:
-            self.branch(t, e)
-        self.episode_actions[e].append(action)
-        return super().step(t, e, action)
-
-    def start_episode(self, e):
-        self.episode_actions[e] = []
-        return super().start_episode(e)
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.close()
-        self.spare.close()
-        super().close()
-
-
-class VineSampler:
-    """The vine (TRPO Sec. 5.2): trunk trajectories under pi_old, and branches from a rollout set of their states.
-
-    Each iteration: pick N of the trunk's T x E states at random (the rollout set); from
-    each, once per action in the state's action set, take that action, then follow pi_old:
-    a branch of H steps in all, whose return (branch_rollout) estimates Q(s_n, a). The action
-    set is every action (the all-actions estimator, Eq. 15) or K draws from q (uniform, or
-    pi_old), for the importance-sampling estimator of Eq. (16). All branches from one
-    state share one stream of random numbers (common random numbers), so the differences
-    between their Q values, which drive the update, have low variance.
-
-    The environments are split over `workers` VineTrunk workers, one per core, each
-    stepping its trunks and running its branches. All random numbers are drawn here, per
-    state, so the run does not depend on which worker a state falls to.
-    """
-
-    def __init__(self, cfg, env_seeds, action_seeds, value_fn, rng):
-        self.cfg, self.value_fn, self.rng = cfg, value_fn, rng
-        restore = cfg.vine_restore
-        if restore != "replay" and not hasattr(os, "fork"):
-            print("note: os.fork is not available here; the vine restores states by seeded replay, "
-                  "which is exact but slower.", file=sys.stderr)
-            restore = "replay"
-        self.trunks = ParallelSampler(VineTrunk, cfg.env, env_seeds, action_seeds, cfg.workers, restore)
-
-    def sample(self, net, theta, steps):
-        """Trunk batch (as SinglePathSampler's) plus rollout_states (N, D), their action sets and Q estimates."""
-        cfg, E = self.cfg, self.cfg.num_envs
-        N = min(cfg.vine_states, steps * E)
-        rollout = np.zeros((steps, E), dtype=bool)
-        rollout.flat[self.rng.choice(steps * E, size=N, replace=False)] = True
-        # one row per rollout state, in row-major (t, e) order: a stream shared by all its branches
-        dist, A = net.distribution, net.sizes[-1]
-        noise = dist.noise(self.rng, A, (N, cfg.vine_horizon))
-        draws = dist.noise(self.rng, A, (N, cfg.vine_actions)) if cfg.vine_actions else None
-        row = np.zeros((steps, E), dtype=np.int64)
-        row[rollout] = np.arange(N)
-        rows = [row[:, part][rollout[:, part]] for part in self.trunks.parts]  # each worker's states, in order
-        bootstrap = self.value_fn if cfg.vine_bootstrap else None
-        started = time.perf_counter()
-        batch = self.trunks.sample_parts([
-            (net, theta, steps, rollout[:, part], noise[r], None if draws is None else draws[r],
-             cfg.vine_proposal, cfg.gamma, bootstrap, cfg.lam) for part, r in zip(self.trunks.parts, rows)])
-        seconds = time.perf_counter() - started
-        batch.update(
-            rollout_states=batch["obs"][rollout],  # (N, D), states in row-major (t, e) order
-            rollout_logits=batch["logits"][rollout],
-            Q=batch.pop("Q")[rollout],  # (N, K): Q(s_n, a_nk) of the k-th action of state n's set
-            action_sets=batch.pop("action_sets")[rollout],
-            proposal=batch.pop("q_drawn")[rollout] if cfg.vine_actions else None,
-            branch_steps=int(batch.pop("branch_steps").sum()),
-            restores=int(batch.pop("branches").sum()),
-            branch_seconds=seconds)
-        return batch
-
-    def close(self):
-        self.trunks.close()
 
 
 def all_actions_surrogate(logits, Q):
@@ -1083,47 +780,133 @@ def vine_problem(batch, dist=Categorical):
 
 
 # ----------------------------------------------------------------------------
-# Several cores (a reader of the paper may skip this)
+# The loop: the practical algorithm of Sec. 6
 # ----------------------------------------------------------------------------
 
-class ParallelSampler:
-    """A sampler's environments split over worker processes, one per core (this process if one).
+class Learner:
+    """Everything that changes as TRPO learns: the policy's theta, the value function, the run's one
+    random generator, the counters, every finished episode's return and one row per iteration."""
 
-    Worker w owns make_part(env_id, its env seeds, its action seeds, *extra_args) (a
-    SinglePathSampler, or the vine's VineTrunk) and steps its share of the environments
-    with its own batched forward pass; the batches come back joined along the environment
-    axis. Because every environment keeps its own seeds, the batch is the one a single
-    sampler would give (the logits to rounding: BLAS may sum a smaller batch's product in
-    another order). Simulation is most of an iteration's time: two workers nearly halve it.
-    """
+    def __init__(self, cfg):
+        obs_dim, num_actions, continuous = env_dims(cfg.env)
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        # discrete actions: an MLP giving a categorical's logits; continuous: a Gaussian policy (network.py)
+        self.policy_net = policy_network([obs_dim, *cfg.hidden, num_actions], continuous)
+        # every action nearly equally likely at first (a Gaussian: mean 0, log sigma = log_std_init)
+        self.theta = self.policy_net.init(self.rng, output_gain=0.01)
+        if continuous:
+            self.theta[self.policy_net.mean_params:] = cfg.log_std_init
+        self.value_fn = ValueFunction(MLP([obs_dim, *cfg.hidden, 1]), self.rng, lr=cfg.vf_lr)
+        self.iteration, self.env_steps, self.wall_s = 0, 0, 0.0
+        self.episode_returns = []  # in order of (step, environment)
+        self.history = []  # the rows of progress.csv
 
-    def __init__(self, make_part, env_id, env_seeds, action_seeds, workers, *extra_args):
-        self.parts = np.array_split(np.arange(len(env_seeds)), min(workers, len(env_seeds)))
-        args = [(env_id, [int(env_seeds[i]) for i in part], [int(action_seeds[i]) for i in part], *extra_args)
-                for part in self.parts]
-        workers = parallel.WorkerProcesses if len(self.parts) > 1 else parallel.InThisProcess
-        self.workers = workers(make_part, args)
-
-    def sample(self, net, theta, steps):
-        return self.sample_parts([(net, theta, steps)] * len(self.parts))
-
-    def sample_parts(self, args_per_part):
-        """Each part's sample(*its args), at once; the batches joined along the environment axis."""
-        parts = self.workers.call("sample", args_per_part)
-        return {key: np.concatenate([part[key] for part in parts], axis=1) for key in parts[0]}
-
-    def close(self):
-        self.workers.close()
+    def finished(self):
+        """Whether the run is over: its steps trained, or its rolling return at cfg.stop_return."""
+        return self.env_steps >= self.cfg.total_steps or solved(self.history, self.cfg.stop_return)
 
 
-def make_sampler(cfg, rng, value_fn):
-    """The scheme's sampler for cfg.num_envs environments on cfg.workers processes, seeded from rng."""
-    env_seeds = rng.integers(TRAIN_SEED_LIMIT, size=cfg.num_envs)
-    action_seeds = rng.integers(2 ** 63, size=cfg.num_envs)
-    if cfg.scheme == "vine":
-        return VineSampler(cfg, env_seeds, action_seeds, value_fn, rng)
-    return ParallelSampler(single_path_sampler, cfg.env, env_seeds, action_seeds, cfg.workers)
+def make_sampler(cfg, learner):
+    """The scheme's sampler for cfg.num_envs environments in this process, seeded from the run's generator:
+    each environment gets the seed of its first episode and one for the generator of its actions."""
+    env_seeds = learner.rng.integers(TRAIN_SEED_LIMIT, size=cfg.num_envs)
+    action_seeds = learner.rng.integers(2 ** 63, size=cfg.num_envs)
+    trunk = SinglePathSampler([make_env(cfg.env) for _ in env_seeds], env_seeds, action_seeds)
+    return VineSampler(trunk, cfg, learner.rng, learner.value_fn) if cfg.scheme == "vine" else trunk
 
 
-if __name__ == "__main__":  # the command line is cli.py's; it is handed this module, not importing it again
-    sys.exit(cli.main(sys.argv[1:], sys.modules[__name__]))
+@dataclass
+class Problem:
+    """What the step (4) and the value fit (5) work on, made by steps 2 and 3 from a batch."""
+    states: np.ndarray  # (N, D): the states the step is taken on, the batch's or the vine's rollout set
+    objective: object  # logits -> (L, dL/dlogits): the scheme's surrogate, with any entropy bonus
+    logits_old: np.ndarray  # pi_old's logits at those states
+    in_return_units: object  # for the log: the surrogate with advantages in the return's units
+    largest_advantage: float  # for the log: eps = max |A| of Theorem 1
+    fit_states: np.ndarray  # step 5 fits V(fit_states) to value_targets; values: V there before the fit
+    value_targets: np.ndarray
+    values: np.ndarray
+
+
+def policy_problem(learner, batch):
+    """Steps 2 and 3 of the loop: the advantages, and the scheme's surrogate on the states of the step."""
+    cfg, value_fn, dist = learner.cfg, learner.value_fn, learner.policy_net.distribution
+    # 2. advantages on the (trunk) trajectories; V learns from them in both schemes
+    advantages, value_targets, values = estimate_advantages(batch, value_fn, cfg)
+    fit_states = batch["obs"].reshape(cfg.batch_size, -1)
+    # 3. the surrogate
+    if cfg.scheme == "vine":  # Eq. (15) or (16) over the rollout set, already in the return's units
+        states, surrogate_of_logits, branch_values = vine_problem(batch, dist)
+        logits_old, in_return_units = batch["rollout_logits"], surrogate_of_logits
+        largest_advantage = np.nanmax(np.abs(batch["Q"] - branch_values[:, None]))
+        if cfg.vine_bootstrap:  # an addition: V also learns the branches' estimates of V(s_n)
+            fit_states = np.concatenate([fit_states, states])
+            value_targets = np.concatenate([value_targets, branch_values])
+            values = np.concatenate([values, value_fn.predict(states)])
+    else:  # Eq. (14) over the whole batch, in row-major (t, e) order as the advantages are
+        states = fit_states
+        actions = batch["actions"].reshape(len(states), *batch["actions"].shape[2:])
+        logits_old = batch["logits"].reshape(len(states), -1)
+        logp_old = dist.log_prob(logits_old, actions)
+        step_advantages = standardize(advantages) if cfg.normalize_advantages else advantages
+
+        def surrogate_of_logits(logits):
+            return surrogate(logits, actions, logp_old, step_advantages, dist)
+
+        def in_return_units(logits):
+            return surrogate(logits, actions, logp_old, advantages, dist)
+        largest_advantage = np.max(np.abs(advantages))
+    objective = with_entropy_bonus(surrogate_of_logits, cfg.entropy_coef, dist) if cfg.entropy_coef \
+        else surrogate_of_logits
+    return Problem(states, objective, logits_old, in_return_units, largest_advantage, fit_states, value_targets,
+                   values)
+
+
+def train_iteration(learner, sampler):
+    """One iteration of Sec. 6's practical algorithm, with the GAE paper's value fit: steps 1 to 5.
+    Updates the learner and returns the iteration's row of progress.csv."""
+    cfg, net = learner.cfg, learner.policy_net
+    start = time.perf_counter()
+    batch = sampler.sample(net, learner.theta, cfg.steps_per_env)  # 1. sample with pi_old
+    problem = policy_problem(learner, batch)  # 2. advantages, 3. the surrogate
+    theta_old = learner.theta
+    learner.theta, step = trpo_step(net, theta_old, problem.states, problem.objective, cfg)  # 4. the step
+    value_fit = fit_value_function(learner.value_fn, problem, cfg, learner.rng)  # 5. the value fit
+    return record_iteration(learner, batch, problem, theta_old, step, value_fit, time.perf_counter() - start)
+
+
+def record_iteration(learner, batch, problem, theta_old, step, value_fit, seconds):
+    """Count the iteration and its batch in the learner; its row of progress.csv, what the step did and what
+    Theorem 1 says of it (diagnostics.py), joins the history. Returns the row."""
+    ended = batch["episode_return"]
+    learner.iteration += 1
+    learner.env_steps += learner.cfg.batch_size
+    learner.episode_returns.extend(ended[~np.isnan(ended)])
+    row = progress_row(learner, batch, problem, theta_old, step, value_fit, seconds)
+    learner.history.append(row)
+    return row
+
+
+def solved(history, stop_return):
+    """Whether the last iteration's rolling return reached stop_return (never, if that is None)."""
+    return stop_return is not None and bool(history) and history[-1]["rolling_return"] >= stop_return
+
+
+def train(cfg, verbose=True):
+    """Train a policy with TRPO in this process, with nothing written to disk: the loop of Sec. 6 until
+    cfg.total_steps or cfg.stop_return. verbose prints a line per iteration. Returns (policy_net, theta,
+    history), history one dict per iteration. (The command line runs the same loop through engine.py,
+    with its files: cli.train.)"""
+    learner = Learner(cfg)
+    sampler = make_sampler(cfg, learner)
+    start = time.perf_counter()
+    try:
+        while not learner.finished():
+            row = train_iteration(learner, sampler)
+            learner.wall_s = row["wall_s"] = time.perf_counter() - start
+            if verbose:
+                print(format_log_line(row))
+    finally:
+        sampler.close()
+    return learner.policy_net, learner.theta, learner.history
