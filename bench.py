@@ -265,7 +265,7 @@ def plot_curves(results, scheme, env_id, target, paths):
         ax.plot(steps, returns, label=f"seed {r['seed']}")
     ax.axhline(target, color="gray", linestyle="--", label=f"solved ({target:g})")
     ax.set(ylabel="mean return of last 100 episodes",
-           title=f"TRPO ({T.SCHEME_NAMES[scheme]}) on {env_id}, default settings")
+           title=f"TRPO ({cli.SCHEME_NAMES[scheme]}) on {env_id}, default settings")
     run_files.steps_axis(ax)
     if scheme == "vine":
         ax.set_xlabel("environment steps (trunk)")

@@ -42,6 +42,7 @@ MAX_BATCH = 2 ** 21  # steps per iteration: a batch's arrays (observations twice
 MAX_HORIZON = 10_000  # steps of a vine branch
 MAX_BRANCH_NUMBERS = 2 ** 24  # N x H and N x K random numbers (8 bytes each; d each for continuous actions) per iteration
 RESUMABLE = {"total_steps", "out", "workers", "save_every"}  # the settings a resumed run may change
+SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
 
 def flag(name):
@@ -83,7 +84,7 @@ def other_defaults(name):
     """' (vine: ...; continuous actions, single path: ...)' where trpo_numpy.DEFAULTS gives a field another
     default than Config's for a scheme or an action space, with the vine's budget and stop; else ''."""
     default = getattr(trpo.Config(), name)
-    others = [f"{'' if actions == 'discrete' else 'continuous actions, '}{trpo.SCHEME_NAMES[scheme]}: {settings[name]}"
+    others = [f"{'' if actions == 'discrete' else 'continuous actions, '}{SCHEME_NAMES[scheme]}: {settings[name]}"
               for (scheme, actions), settings in trpo.DEFAULTS.items() if settings.get(name, default) != default]
     if name == "total_steps":
         others.append(f"vine: {trpo.VINE_ITERATIONS} iterations' worth")
@@ -370,7 +371,7 @@ def train(cfg, verbose=True, resume=None, progress_bar=True):
         out_dir(cfg), not cfg.out, dataclasses.asdict(cfg), run_id, learner.history,
         resuming=resume is not None, sizes=(learner.policy_net.sizes, learner.value_fn.net.sizes), verbose=verbose,
         progress_bar=progress_bar,
-        plot_labels=dict(scheme_name=trpo.SCHEME_NAMES[cfg.scheme], solved_at=reward_threshold(cfg.env)))
+        plot_labels=dict(scheme_name=SCHEME_NAMES[cfg.scheme], solved_at=reward_threshold(cfg.env)))
     cfg.out = run.out_dir  # without --out, a new folder: runs/<scheme>-seed<seed>, numbered -2, -3, ... if taken
     if verbose:
         notes(cfg, learner.env_steps)  # what the run will do otherwise than asked (whole batches, ...)

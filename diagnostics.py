@@ -20,14 +20,12 @@ PROGRESS_COLUMNS = ["iteration", "env_steps", "rolling_return", "episodes", "kl"
 TIMING_COLUMNS = ["steps_per_s", "wall_s", "restores_per_s"]  # the columns that differ from run to run
 
 
-def progress_row(learner, batch, problem, theta_old, step, value_fit, seconds):
+def progress_row(learner, batch, problem, step, value_fit, seconds):
     """The iteration's row of progress.csv (all of PROGRESS_COLUMNS but wall_s, which the loop adds): what
-    the step from theta_old to learner.theta did, and what Theorem 1 says of it. The learner has counted
-    the iteration already; `value_fit` is (value loss, why the fit was skipped or "")."""
-    cfg, net, ended = learner.cfg, learner.policy_net, batch["episode_return"]
-    dist = net.distribution
-    logits_before = net.forward(theta_old, problem.states)[0]  # as trpo_step computed them
-    logits_after = net.forward(learner.theta, problem.states)[0]
+    the step (trpo_numpy.Step) did, and what Theorem 1 says of it. The learner has counted the iteration
+    already; `value_fit` is (value loss, why the fit was skipped or "")."""
+    cfg, dist, ended = learner.cfg, learner.policy_net.distribution, batch["episode_return"]
+    logits_before, logits_after = step.logits_old, step.logits_new
     kl_largest_state = float(np.max(dist.kl(logits_before, logits_after)))  # D_KL^max of Sec. 3
     surrogate_change = problem.in_return_units(logits_after)[0] - problem.in_return_units(problem.logits_old)[0]
     predicted, penalty = predicted_return_change(surrogate_change, cfg.batch_size, np.sum(~np.isnan(ended)),

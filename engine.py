@@ -254,9 +254,7 @@ def train_iteration(learner, sampler):
     start = time.perf_counter()
     batch = sampler.sample(net, learner.theta, cfg.steps_per_env)
     problem = trpo.policy_problem(learner, batch)
-    theta_old = learner.theta
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
         value_fit = background.submit(trpo.fit_value_function, learner.value_fn, problem, cfg, learner.rng)
-        learner.theta, step = trpo.trpo_step(net, theta_old, problem.states, problem.objective, cfg)
-    return trpo.record_iteration(learner, batch, problem, theta_old, step, value_fit.result(),
-                                 time.perf_counter() - start)
+        learner.theta, step = trpo.trpo_step(net, learner.theta, problem.states, problem.objective, cfg)
+    return trpo.record_iteration(learner, batch, problem, step, value_fit.result(), time.perf_counter() - start)

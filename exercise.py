@@ -194,10 +194,10 @@ EXERCISES = [
              """
              for k in range(max_backtracks):
                  theta = theta_old + backtrack_coeff ** k * full_step
-                 improvement, kl_reached = evaluate(theta)
+                 improvement, kl_reached, extra = evaluate(theta)
                  if kl_reached <= 1.5 * max_kl and improvement > 0:  # baselines' slack: too lenient
-                     return True, theta, improvement, kl_reached, k
-             return False, theta_old, 0.0, 0.0, max_backtracks
+                     return True, theta, improvement, kl_reached, k, extra
+             return False, theta_old, 0.0, 0.0, max_backtracks, None
              """, "backtracking line search: KL at most delta, and the surrogate improves"),
     Exercise("all_actions_surrogate", "trpo_numpy.py", "all_actions_surrogate",
              ["test_all_actions_gradient_matches_finite_differences"],
@@ -306,15 +306,13 @@ MUTANTS = [
            ["test_trpo_step_is_the_natural_gradient_step_of_an_explicit_fisher"],
            "the full step points along the plain gradient g, not x = F^-1 g"),
     # The line search
-    Mutant("trpo_numpy.py",
-           "return theta_new, Step(True, kl_reached, backtracks, expected * cfg.backtrack_coeff ** backtracks, improvement)",
-           "return theta_old + full_step, Step(True, kl_reached, backtracks, expected * cfg.backtrack_coeff ** backtracks,"
-           " improvement)",
+    Mutant("trpo_numpy.py", "return theta_new, Step(logits_old, logits_new, True, kl_reached, backtracks,",
+           "return theta_old + full_step, Step(logits_old, logits_new, True, kl_reached, backtracks,",
            ["test_trpo_step_stays_in_the_trust_region_and_improves",
             "test_the_step_reports_the_kl_and_improvement_of_the_theta_it_returns"],
            "the line search's result thrown away: the full step is taken (modular_rl, wojzaremba/trpo)"),
-    Mutant("trpo_numpy.py", "return False, theta_old, 0.0, 0.0, max_backtracks",
-           "return False, theta, 0.0, 0.0, max_backtracks",
+    Mutant("trpo_numpy.py", "return False, theta_old, 0.0, 0.0, max_backtracks, None",
+           "return False, theta, 0.0, 0.0, max_backtracks, None",
            ["test_line_search_returns_theta_old_when_nothing_is_accepted"],
            "a failed line search keeps its last rejected try (tianshou, before its fix)"),
     Mutant("trpo_numpy.py", "if kl_reached <= max_kl and improvement > min_improvement:",

@@ -701,30 +701,33 @@ def test_maximal_step_puts_the_quadratic_kl_model_at_delta(rng):
 
 def test_line_search_never_accepts_kl_above_delta():
     """TRPO Appendix C line search on a toy problem whose KL grows quadratically to 4 delta at the full step:
-    it accepts the first step 0.8^k with KL <= delta (k = 4, worked out by hand) and returns that theta; a KL
-    of delta * (1 + 1e-7) is refused even at the full step (no slack above delta)."""
+    it accepts the first step 0.8^k with KL <= delta (k = 4, worked out by hand) and returns that theta and
+    what its evaluation handed back; a KL of delta * (1 + 1e-7) is refused even at the full step (no slack
+    above delta)."""
     # KL grows with the step; the full step would reach 4 delta.
     delta, theta_old, full_step = 0.01, np.zeros(2), np.array([0.2, 0.0])
 
     def evaluate(theta):
-        return theta[0], 4 * delta * (theta[0] / 0.2) ** 2
+        return theta[0], 4 * delta * (theta[0] / 0.2) ** 2, theta.copy()  # the try itself, handed back
 
-    ok, theta, improvement, kl_reached, backtracks = T.line_search(evaluate, theta_old, full_step, delta, 0.8, 10)
+    ok, theta, improvement, kl_reached, backtracks, tried = T.line_search(evaluate, theta_old, full_step, delta,
+                                                                          0.8, 10)
     assert ok and backtracks == 4  # 0.8^k * 2 <= 1 first at k = 4 (0.8^4 = 0.41)
     assert kl_reached <= delta and evaluate(theta)[1] <= delta
-    assert np.allclose(theta, theta_old + 0.8 ** 4 * full_step)
+    assert np.allclose(theta, theta_old + 0.8 ** 4 * full_step) and np.array_equal(tried, theta)
     # A KL a hair above delta is refused, even at the full step (no 1.5 delta slack).
-    ok, theta, *_ = T.line_search(lambda th: (1.0, delta * 1.0000001), theta_old, full_step, delta, 0.8, 10)
+    ok, theta, *_ = T.line_search(lambda th: (1.0, delta * 1.0000001, None), theta_old, full_step, delta, 0.8, 10)
     assert not ok
 
 
 def test_line_search_returns_theta_old_when_nothing_is_accepted():
     """When no shrunken step improves the surrogate, the line search reports failure after all 10 backtracks
-    with an improvement of 0, and returns theta_old unchanged (not the last rejected try)."""
+    with an improvement of 0, and returns theta_old unchanged (not the last rejected try) and nothing of any
+    evaluation."""
     theta_old = np.array([1.0, 2.0])
-    ok, theta, improvement, kl_reached, backtracks = T.line_search(
-        lambda th: (-1.0, 0.0), theta_old, np.array([0.5, 0.5]), 0.01, 0.8, 10)
-    assert not ok and backtracks == 10 and improvement == 0.0
+    ok, theta, improvement, kl_reached, backtracks, tried = T.line_search(
+        lambda th: (-1.0, 0.0, th), theta_old, np.array([0.5, 0.5]), 0.01, 0.8, 10)
+    assert not ok and backtracks == 10 and improvement == 0.0 and tried is None
     assert np.array_equal(theta, theta_old)
 
 
@@ -827,8 +830,8 @@ def test_trpo_step_keeps_theta_old_on_a_non_finite_gradient(rng):
 
 
 def test_the_step_reports_the_kl_and_improvement_of_the_theta_it_returns(rng):
-    """trpo_step's Step holds the mean KL and the surrogate's improvement of the theta it returns, equal to
-    a fresh forward pass there, in three cases: accepted after backtracking (backtracks > 0), refused by the
+    """trpo_step's Step holds the policy's logits at theta_old and at the theta it returns, and the mean KL
+    and the surrogate's improvement between them, equal to fresh forward passes, in three cases: accepted after backtracking (backtracks > 0), refused by the
     line search (theta_old returned, KL and improvement 0), and without the trust region."""
     net = MLP([3, 8, 3])
     theta = net.init(rng, output_gain=0.5)
@@ -847,6 +850,7 @@ def test_the_step_reports_the_kl_and_improvement_of_the_theta_it_returns(rng):
         cfg = T.Config(fisher_subsample=1, max_kl=0.5, damping=0.0, backtrack_coeff=0.5, **settings)
         theta_new, info = T.trpo_step(net, theta, states, problem, cfg)
         logits_new = net.forward(theta_new, states)[0]
+        assert np.array_equal(info.logits_old, logits_old) and np.array_equal(info.logits_new, logits_new), name
         assert np.isclose(info.kl, T.mean_kl(logits_old, logits_new), rtol=1e-12, atol=0), name
         assert np.isclose(info.actual_improve, problem(logits_new)[0] - problem(logits_old)[0], rtol=1e-12,
                           atol=0), name

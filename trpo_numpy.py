@@ -10,15 +10,12 @@ the practical algorithm of TRPO Sec. 6, with the value function of the GAE paper
      sqrt(2 delta / x^T F x), then a line search until KLbar <= delta and L improves
   5. fits the value function for the next advantages          (GAE paper Sec. 5)
 
-(The paper's Algorithm 1 is the theoretical policy iteration of Sec. 3, with exact advantages and the
-penalty of Theorem 1; Sec. 6 turns it into the algorithm coded here.) Every derivative is written by
-hand in network.py and checked against finite differences in test_trpo.py; no autodiff framework is
-used anywhere. Anything here that is not in the papers says so: "an addition".
-
-The command line runs this same algorithm through engine.py, which makes it fast on several cores
-(worker processes for the trunk, states restored by fork, the value fit beside the step) and is
-tested to give this file's runs. What a reader of the paper may skip: engine.py, parallel.py (other
-processes), run_files.py (files on disk) and cli.py (the command line, evaluation).
+(The paper's Algorithm 1 is the theoretical policy iteration of Sec. 3; Sec. 6 turns it into the
+algorithm coded here.) Every derivative is written by hand in network.py and checked against finite
+differences in test_trpo.py. Anything here that is not in the papers says so: "an addition". The
+command line runs this algorithm through engine.py, which makes it fast on several cores and is
+tested to give this file's runs; a reader of the paper may skip engine.py, parallel.py, run_files.py
+and cli.py.
 
 References:
   Schulman, Levine, Moritz, Jordan, Abbeel 2015. Trust Region Policy Optimization. arXiv:1502.05477
@@ -127,7 +124,6 @@ DEFAULTS = {
 # environment's reward threshold.
 VINE_ITERATIONS = 150
 VINE_STOP_RETURN = {"LunarLander-v3": 240.0, "LunarLanderContinuous-v3": 240.0}
-SCHEME_NAMES = {"single": "single path", "vine": "vine"}
 
 
 def scheme_config(scheme="single", **given):
@@ -428,25 +424,28 @@ def maximal_step(x, x_F_x, max_kl):
 def line_search(evaluate, theta_old, full_step, max_kl, backtrack_coeff, max_backtracks, min_improvement=0.0):
     """Backtracking line search on the nonlinear problem (Appendix C).
 
-    `evaluate(theta)` returns (L(theta) - L(theta_old), KLbar(theta_old, theta)). Try
-    theta_old + backtrack_coeff^k * full_step for k = 0, 1, ...; accept the first step whose
-    mean KL is at most delta (never above: no slack) and whose surrogate improves by more
-    than min_improvement. Returns (success, theta, improvement, kl, backtracks). On failure
-    theta is theta_old itself, not the last rejected try.
+    `evaluate(theta)` returns (L(theta) - L(theta_old), KLbar(theta_old, theta), what else the caller
+    wants back of that try: trpo_step's logits). Try theta_old + backtrack_coeff^k * full_step for
+    k = 0, 1, ...; accept the first step whose mean KL is at most delta (never above: no slack) and
+    whose surrogate improves by more than min_improvement. Returns (success, theta, improvement, kl,
+    backtracks, the accepted try's third value). On failure theta is theta_old itself, not the last
+    rejected try, and the third value None.
     """
     for k in range(max_backtracks):
         theta = theta_old + backtrack_coeff ** k * full_step
-        improvement, kl_reached = evaluate(theta)
+        improvement, kl_reached, extra = evaluate(theta)
         if kl_reached <= max_kl and improvement > min_improvement:
-            return True, theta, improvement, kl_reached, k
-    return False, theta_old, 0.0, 0.0, max_backtracks
+            return True, theta, improvement, kl_reached, k, extra
+    return False, theta_old, 0.0, 0.0, max_backtracks, None
 
 
 @dataclass
 class Step:
     """What a policy step did, for the log: accepted, the mean KL reached, the line search's backtracks,
-    the improvement of L the linear model predicted for the step taken and the one reached, and why
-    no step was taken ("" if one was)."""
+    the improvement of L the linear model predicted for the step taken and the one reached, why no step
+    was taken ("" if one was), and the policy's logits on the step's states before and after it."""
+    logits_old: np.ndarray
+    logits_new: np.ndarray
     accepted: bool = False
     kl: float = 0.0
     backtracks: int = 0
@@ -474,7 +473,7 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     # 4a. the policy gradient
     g = net.backward(theta_old, cache, dL_dlogits)
     if not np.all(np.isfinite(g)) or not np.any(g):
-        return theta_old, Step(skipped="gradient is zero or not finite")
+        return theta_old, Step(logits_old, logits_old, skipped="gradient is zero or not finite")
 
     # 4b. the natural-gradient direction: F on every k-th row of the forward pass's cache (each layer's input)
     fisher_cache = [np.ascontiguousarray(h[::cfg.fisher_subsample]) for h in cache]
@@ -488,28 +487,30 @@ def trpo_step(net, theta_old, states, surrogate_of_logits, cfg):
     # 4c. the step's length from the quadratic model of the KL, and the improvement a linear model of L predicts
     x_F_x = x @ Fvp(x)
     if not (np.all(np.isfinite(x)) and np.isfinite(x_F_x) and x_F_x > 0):
-        return theta_old, Step(skipped="conjugate gradient gave a non-finite or non-positive x^T F x")
+        return theta_old, Step(logits_old, logits_old,
+                               skipped="conjugate gradient gave a non-finite or non-positive x^T F x")
     full_step = maximal_step(x, x_F_x, cfg.max_kl)
     expected = g @ full_step
 
     # 4d. backtracking line search on the true surrogate and KL
     def evaluate(theta):
         logits = net.forward(theta, states)[0]
-        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits, net.distribution)
+        return surrogate_of_logits(logits)[0] - L_old, mean_kl(logits_old, logits, net.distribution), logits
     if cfg.trust_region:
         # Rounding moves L by about 1e-16 of max(1, |L_old|); 1e-10 of it is far above that, and still
         # far below any real improvement. Without a threshold, a gradient that is really zero (every
         # action equally good) would "improve" on rounding noise.
-        accepted, theta_new, improvement, kl_reached, backtracks = line_search(
+        accepted, theta_new, improvement, kl_reached, backtracks, logits_new = line_search(
             evaluate, theta_old, full_step, cfg.max_kl, cfg.backtrack_coeff, cfg.max_backtracks,
             min_improvement=1e-10 * max(1.0, abs(L_old)))
     else:  # --no-trust-region: the natural-gradient step of the same size, taken whatever it does
         accepted, theta_new, backtracks = True, theta_old + full_step, 0
-        improvement, kl_reached = evaluate(theta_new)
+        improvement, kl_reached, logits_new = evaluate(theta_new)
     if not accepted:
-        return theta_old, Step(backtracks=backtracks, expected_improve=expected,
+        return theta_old, Step(logits_old, logits_old, backtracks=backtracks, expected_improve=expected,
                                skipped="line search failed, keeping old parameters")
-    return theta_new, Step(True, kl_reached, backtracks, expected * cfg.backtrack_coeff ** backtracks, improvement)
+    return theta_new, Step(logits_old, logits_new, True, kl_reached, backtracks,
+                           expected * cfg.backtrack_coeff ** backtracks, improvement)
 
 
 # ----------------------------------------------------------------------------
@@ -870,20 +871,19 @@ def train_iteration(learner, sampler):
     start = time.perf_counter()
     batch = sampler.sample(net, learner.theta, cfg.steps_per_env)  # 1. sample with pi_old
     problem = policy_problem(learner, batch)  # 2. advantages, 3. the surrogate
-    theta_old = learner.theta
-    learner.theta, step = trpo_step(net, theta_old, problem.states, problem.objective, cfg)  # 4. the step
+    learner.theta, step = trpo_step(net, learner.theta, problem.states, problem.objective, cfg)  # 4. the step
     value_fit = fit_value_function(learner.value_fn, problem, cfg, learner.rng)  # 5. the value fit
-    return record_iteration(learner, batch, problem, theta_old, step, value_fit, time.perf_counter() - start)
+    return record_iteration(learner, batch, problem, step, value_fit, time.perf_counter() - start)
 
 
-def record_iteration(learner, batch, problem, theta_old, step, value_fit, seconds):
+def record_iteration(learner, batch, problem, step, value_fit, seconds):
     """Count the iteration and its batch in the learner; its row of progress.csv, what the step did and what
     Theorem 1 says of it (diagnostics.py), joins the history. Returns the row."""
     ended = batch["episode_return"]
     learner.iteration += 1
     learner.env_steps += learner.cfg.batch_size
     learner.episode_returns.extend(ended[~np.isnan(ended)])
-    row = progress_row(learner, batch, problem, theta_old, step, value_fit, seconds)
+    row = progress_row(learner, batch, problem, step, value_fit, seconds)
     learner.history.append(row)
     return row
 
