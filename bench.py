@@ -104,7 +104,8 @@ def restore_cost(cfg, branches=100):
                 env.reset(seed=k)
         noise = net.distribution.noise(rng, num_actions, (cfg.vine_horizon,))
         start = time.perf_counter()
-        pool.submit(k, lambda: T.branch_rollout(env, engines_off, engine.one_state_policy(net, theta), noise, cfg.gamma))
+        act = engine.one_state_policy(net, theta)
+        pool.submit(k, lambda: T.branch_rollout(env, engines_off, act, noise, cfg.gamma))
         steps += pool.gather()[k][1]
         seconds += time.perf_counter() - start
     env.close()

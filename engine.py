@@ -9,12 +9,17 @@ same algorithm through this file, which changes how it is computed, never what:
   rollout state as the trunk passes it: by a fork of the worker (parallel.ForkPool: exact, the
   simulator's own random state included, a few ms however old the episode), or, for a state
   younger than a fork costs in steps, by the reference's seeded replay;
+* `one_state_policy`: the policy a branch follows, one state at a time, with fewer NumPy calls;
 * `train_iteration`: the reference's iteration, with the value fit (step 5) in a second thread
   beside the policy step (4), which it needs nothing from.
 
 Every random number is drawn as the reference draws it, so a run here is the reference's run:
-test_trpo.py checks that progress.csv (but its timings) and theta come out the same to the bit,
-for both schemes and both action spaces.
+test_program.py checks that progress.csv (but its timings) and theta come out the same to the bit,
+for both schemes and both action spaces, and test_trpo.py each piece against its reference. (The
+same to the bit needs the workers' smaller policy passes to give the reference's logits to the bit.
+Measured here with OpenBLAS: batches of 4, 8, 16 or 32 states gave the rows of a 64-state batch to the
+bit, batches of 1 or 3 states did not (the last bit differs, which can change a sampled action); the
+defaults give each worker 16 environments of 32.)
 """
 
 import concurrent.futures

@@ -812,8 +812,8 @@ def test_a_run_through_the_engine_is_the_references_run(tmp_path, scheme, env):
     reference's run (trpo_numpy.train: one process, seeded replay after the trunk, one thread): the same
     progress.csv but for its timing columns, and the same theta, to the bit; for both schemes, with discrete
     actions (CartPole) and continuous ones (Pendulum, the vine drawing K = 3 actions from pi_old). Each
-    worker steps 4 environments: OpenBLAS computes a product's rows in blocks of 4, so the workers' smaller
-    policy passes give the reference's logits to the bit (with 3 a worker, they can differ in the last bit)."""
+    worker steps 4 environments: measured here, OpenBLAS then gives the workers' smaller policy passes the
+    reference's logits to the bit (with 3 a worker, they can differ in the last bit)."""
     extra = dict(vine_states=12, vine_horizon=12, steps_per_env=32) if scheme == "vine" else {}
     if scheme == "vine" and env == "Pendulum-v1":
         extra.update(vine_actions=3, vine_proposal="pi_old")
@@ -826,7 +826,8 @@ def test_a_run_through_the_engine_is_the_references_run(tmp_path, scheme, env):
     reference_csv.close()
 
     def without_timing(path):
-        return [{k: v for k, v in row.items() if k not in diagnostics.TIMING_COLUMNS} for row in csv.DictReader(open(path))]
+        return [{k: v for k, v in row.items() if k not in diagnostics.TIMING_COLUMNS}
+                for row in csv.DictReader(open(path))]
     engine_rows = without_timing(tmp_path / "engine" / "progress.csv")
     assert len(engine_rows) == len(history) >= 3
     assert engine_rows == without_timing(tmp_path / "progress.csv")

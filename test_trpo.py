@@ -831,8 +831,9 @@ def test_trpo_step_keeps_theta_old_on_a_non_finite_gradient(rng):
 
 def test_the_step_reports_the_kl_and_improvement_of_the_theta_it_returns(rng):
     """trpo_step's Step holds the policy's logits at theta_old and at the theta it returns, and the mean KL
-    and the surrogate's improvement between them, equal to fresh forward passes, in three cases: accepted after backtracking (backtracks > 0), refused by the
-    line search (theta_old returned, KL and improvement 0), and without the trust region."""
+    and the surrogate's improvement between them, equal to fresh forward passes, in three cases: accepted
+    after backtracking (backtracks > 0), refused by the line search (theta_old returned, KL and improvement
+    0), and without the trust region."""
     net = MLP([3, 8, 3])
     theta = net.init(rng, output_gain=0.5)
     states = rng.standard_normal((200, 3))
@@ -952,8 +953,8 @@ def test_predicted_return_change_and_theorem_penalty():
     / (1 - gamma)^2 is 18000 x 0.02, and the predicted return change is the mean episode length (4096 / 8)
     times the surrogate change 0.01, 5.12."""
     # 4096 steps in 8 episodes: 512 steps each; C = 4 eps gamma / (1 - gamma)^2 = 4 * 50 * 0.9 / 0.01
-    predicted, penalty = diagnostics.predicted_return_change(0.01, 4096, 8, kl_largest_state=0.02, largest_advantage=50.0,
-                                                   gamma=0.9)
+    predicted, penalty = diagnostics.predicted_return_change(0.01, 4096, 8, kl_largest_state=0.02,
+                                                             largest_advantage=50.0, gamma=0.9)
     assert np.isclose(predicted, 5.12) and np.isclose(penalty, 18000 * 0.02)
 
 
@@ -1321,8 +1322,8 @@ def test_vine_sampler_fork_and_replay_give_the_same_q(tmp_path):
     states x 2 actions, all finite) on a second batch, whose episodes start mid-way, the same trunk and the
     same number of branch steps (more than 6); every rollout state is one of the trunk's states."""
     # the second batch starts mid-episode: replay must cover that
-    # 8 environments, 4 on each worker: OpenBLAS computes a product's rows in blocks of 4, so the workers'
-    # policy passes give the reference's logits to the bit (other shapes can differ in the last bit)
+    # 8 environments, 4 on each worker: measured here, OpenBLAS then gives the workers' policy passes the
+    # reference's logits to the bit (1 or 3 a worker can differ in the last bit)
     batches = {restore: vine_batch(vine_config(tmp_path, restore, vine_restore=restore, num_envs=8), number=2)
                for restore in ("fork", "replay", "auto")}
     batches["reference"] = vine_batch(vine_config(tmp_path, "reference", num_envs=8), number=2, reference=True)
