@@ -234,19 +234,6 @@ def vine_table(results, eval_episodes, target):
     return "\n".join(lines)
 
 
-def save_figure(fig, paths):
-    """fig as a PNG at each of paths, then closed; a file that cannot be written is a UserError."""
-    import matplotlib.pyplot as plt
-    try:
-        for path in paths:
-            try:
-                fig.savefig(path, dpi=100)
-            except OSError as e:
-                raise UserError(f"cannot write '{path}': {e.strerror or e}.") from None
-    finally:
-        plt.close(fig)
-
-
 def write_text(path, text):
     try:
         with open(path, "w") as f:
@@ -273,7 +260,7 @@ def plot_curves(results, scheme, env_id, target, paths):
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, paths)
+    run_files.save_figure(fig, paths)
 
 
 TRUST_REGION_DEMO = dict(max_kl=1.0, total_steps=300_000)  # delta = 1: far too large a step without the line search
@@ -314,7 +301,7 @@ def trust_region_demo(seed, total_steps, folder, paths):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, paths)
+    run_files.save_figure(fig, paths)
 
 
 def build_parser():
@@ -356,6 +343,11 @@ def check_arguments(args):
     negative = [seed for seed in args.seeds if seed < 0]
     if negative:
         raise UserError(f"--seeds must be zero or positive, got {negative[0]}.")
+    repeated = [seed for seed in args.seeds if args.seeds.count(seed) > 1]
+    if repeated:
+        raise UserError(f"--seeds lists seed {repeated[0]} more than once; each seed is one run, counted once.")
+    if args.trust_region_demo and args.scheme != "single":
+        raise UserError("--trust-region-demo trains the single path only; leave out --scheme.")
     if args.eval_episodes < 1:
         raise UserError(f"--eval-episodes must be positive, got {args.eval_episodes}.")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -376,6 +368,13 @@ def check_arguments(args):
         configs = [seed_config(args.scheme, seed, args.total_steps, "", args.env, args.target) for seed in args.seeds]
     for cfg in configs:
         cli.validate(cfg)
+        if args.total_steps is not None and args.total_steps < cfg.batch_size:
+            raise UserError(f"--total-steps {args.total_steps:,} is less than one iteration, whose batch is "
+                            f"{cfg.batch_size:,} steps; give at least that many.")
+    if args.total_steps is not None and args.total_steps % configs[0].batch_size:
+        iterations = -(-args.total_steps // configs[0].batch_size)
+        print(f"note: training runs whole iterations of {configs[0].batch_size:,} steps: "
+              f"{iterations * configs[0].batch_size:,} steps for --total-steps {args.total_steps:,}.", file=sys.stderr)
 
 
 class Benchmark:

@@ -14,7 +14,9 @@ file sets up the process first). What is here:
   folder, progress.csv, checkpoints and plots (run_files.py), --resume, and Ctrl-C;
 * the rules of --resume (which settings may change) and of --eval (which options go with it);
 * evaluation (`load_policy`, `act`, `evaluate_policy`, `run_evaluation`) and the animated GIF;
-* exit codes: 0 done, 1 a worker process died, 2 bad input, 130 stopped by Ctrl-C, 143 by SIGTERM.
+* exit codes: 0 done, 1 a worker process died or a file could not be written (a full disk), 2 bad
+  input, 130 stopped by Ctrl-C, 143 by SIGTERM, 129 by SIGHUP (a closed terminal); stopped, a run
+  saves its last finished iteration.
 """
 
 import parallel  # first: it sets up the process (BLAS threads, memory, Ctrl-C) before NumPy loads
@@ -38,6 +40,7 @@ from run_files import UserError
 
 MAX_LAYER_SIZE = 4096  # a 4096 x 4096 layer is 128 MB of float64 weights; wider ones exhaust memory
 MAX_ENVS = 1024  # environments side by side; each holds its own simulator
+MAX_KL = 10.0  # delta, in nats: far past any policy change a trust region is for
 MAX_BATCH = 2 ** 21  # steps per iteration: a batch's arrays (observations twice, logits, ...) take ~200 bytes a step
 MAX_HORIZON = 10_000  # steps of a vine branch
 MAX_BRANCH_NUMBERS = 2 ** 24  # N x H and N x K random numbers (8 bytes each; d each for continuous actions) per iteration
@@ -124,7 +127,7 @@ def build_parser(defaults=True):
                        help="evaluation episodes, with --eval")
     other.add_argument("--greedy", action="store_true", default=False if defaults else argparse.SUPPRESS,
                        help="with --eval, take the most likely action instead of sampling")
-    other.add_argument("--gif", metavar="FILE", help="with --eval, write the first episode as an animated GIF")
+    other.add_argument("--gif", metavar="FILE", help="with --eval, write the first episode as an animated GIF, into a new file")
     other.add_argument("--quiet", action="store_true", default=False if defaults else argparse.SUPPRESS,
                        help="training: no progress bar, only the log line of each iteration (a bar is never "
                             "drawn into a file or pipe)")
@@ -134,6 +137,12 @@ def build_parser(defaults=True):
 def validate(cfg):
     """Raise UserError, in one sentence, for any value the algorithm cannot run with."""
     env_dims(cfg.env)  # an environment that cannot be made, or whose spaces cannot be handled
+    for field in dataclasses.fields(trpo.Config):  # what argparse checks on the command line, for a Config from Python
+        value = getattr(cfg, field.name)
+        if "choices" in field.metadata and value not in field.metadata["choices"]:
+            raise UserError(f"{flag(field.name)} must be one of {', '.join(field.metadata['choices'])}, got {value!r}.")
+        if isinstance(field.default, bool) and not isinstance(value, bool):
+            raise UserError(f"{field.name} must be True or False, got {value!r}.")
     positive = ["total_steps", "num_envs", "workers", "steps_per_env", "max_kl", "fisher_subsample",
                 "cg_iters", "max_backtracks", "vf_lr", "vf_epochs", "vf_minibatch", "save_every",
                 "vine_states", "vine_horizon"]
@@ -156,6 +165,12 @@ def validate(cfg):
         value = getattr(cfg, name)
         if value is not None and not np.isfinite(value):
             raise UserError(f"{flag(name)} must be a finite number, got {value}.")
+    if cfg.max_kl > MAX_KL:
+        raise UserError(f"--max-kl {cfg.max_kl:g} is no trust region (a mean KL of {MAX_KL:g} nats already lets "
+                        f"the policy become any other); use a delta such as 0.01 to 0.1, or --no-trust-region.")
+    if cfg.workers > cfg.num_envs:
+        raise UserError(f"--workers {cfg.workers} is more processes than --num-envs {cfg.num_envs}: each worker "
+                        f"steps environments of its own; use at most {cfg.num_envs}.")
     if cfg.seed < 0:
         raise UserError(f"--seed must be zero or positive, got {cfg.seed}.")
     if cfg.vine_actions == 1:
@@ -219,7 +234,7 @@ def make_env(env_id, render_mode=None):
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # frames into an array need no display
     try:
         env = trpo.make_env(env_id, render_mode=render_mode)
-    except gym.error.DependencyNotInstalled as e:
+    except (gym.error.DependencyNotInstalled, ImportError) as e:  # ImportError: a module the environment imports
         raise UserError(f"environment '{env_id}' needs a package that is not installed: {e}") from None
     except gym.error.Error as e:
         raise UserError(f"unknown environment '{env_id}' ({e}).") from None
@@ -232,10 +247,15 @@ def make_env(env_id, render_mode=None):
         raise UserError(f"environment '{env_id}' has a {type(space).__name__} action space of shape {space.shape}; "
                         "this TRPO needs Discrete actions (a categorical policy) or a flat Box of floats with "
                         "finite bounds (a Gaussian policy).")
-    if not (isinstance(env.observation_space, gym.spaces.Box) and len(env.observation_space.shape) == 1):
+    if isinstance(space, gym.spaces.Discrete) and space.start != 0:
         env.close()
-        raise UserError(f"environment '{env_id}' has observation space {env.observation_space}; "
-                        "the networks need a flat Box observation.")
+        raise UserError(f"environment '{env_id}' numbers its {space.n} actions from {space.start}; the categorical "
+                        f"policy gives actions 0 to n - 1, so it needs Discrete actions that start at 0.")
+    observations = env.observation_space
+    if not (isinstance(observations, gym.spaces.Box) and len(observations.shape) == 1 and observations.shape[0] >= 1):
+        env.close()
+        raise UserError(f"environment '{env_id}' has observation space {observations}; "
+                        "the networks need a flat Box observation of one number or more.")
     return env
 
 
@@ -271,6 +291,8 @@ def load_policy(path, env_id=None):
     net = policy_network(sizes, continuous)
     if theta.shape != (net.num_params,):
         raise UserError(f"'{path}' holds {theta.size} weights, not the {net.num_params} of its network.")
+    if not np.all(np.isfinite(theta)):
+        raise UserError(f"'{path}' holds weights that are not finite (NaN or infinite): the policy cannot act.")
     return net, theta, env_id
 
 
@@ -279,8 +301,11 @@ def act(net, theta, obs, greedy=True, rng=None):
     else one sampled with rng (a new, unseeded generator if None). An int for discrete actions, an
     array for continuous ones. What a notebook calls to drive an environment."""
     obs = np.asarray(obs, dtype=np.float64)
-    if obs.ndim != 1:
-        raise UserError(f"act takes one observation, a vector, not an array of shape {obs.shape}.")
+    if obs.shape != (net.sizes[0],):
+        raise UserError(f"act takes one observation, a vector of {net.sizes[0]} numbers, not an array of shape "
+                        f"{obs.shape}.")
+    if not np.all(np.isfinite(obs)):
+        raise UserError(f"act was given an observation that is not finite: {obs}.")
     dist, logits = net.distribution, net.forward(theta, obs[None])[0]
     if greedy:
         action = dist.greedy(logits)[0]
@@ -313,14 +338,26 @@ def evaluate_policy(net, theta, env_id, episodes, greedy, rng=None, gif_path=Non
     return returns
 
 
+def check_gif_path(gif_path):
+    """--gif names a new file ending in .gif in a folder that exists and can be written: never one that
+    is there already (a symlink included), which would be lost; else one sentence (UserError)."""
+    if os.path.isdir(gif_path):
+        raise UserError(f"--gif: '{gif_path}' is a folder; give the name of a new file ending in .gif.")
+    if not gif_path.lower().endswith(".gif"):
+        raise UserError(f"--gif needs a file name ending in .gif, got '{gif_path}'.")
+    if os.path.lexists(gif_path):
+        raise UserError(f"--gif: '{gif_path}' exists already and would be lost; give a new file name "
+                        f"(or remove it first).")
+    folder = os.path.dirname(os.path.abspath(gif_path))
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        raise UserError(f"--gif: cannot write into '{folder}' (it does not exist, or is not writable).")
+
+
 def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
     """--eval: load a policy, report mean and std of the return and the share of episodes at or
     above the environment's reward threshold (LunarLander: 200), where it has one."""
-    if gif_path is not None and (os.path.isdir(gif_path) or not gif_path.lower().endswith(".gif")):
-        raise UserError(f"--gif needs a file name ending in .gif, got '{gif_path}'.")
-    folder = os.path.dirname(os.path.abspath(gif_path)) if gif_path else None
-    if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        raise UserError(f"--gif: cannot write into '{folder}' (it does not exist, or is not writable).")
+    if gif_path is not None:
+        check_gif_path(gif_path)
     net, theta, env_id = load_policy(path, env_id)
     returns = evaluate_policy(net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
                               gif_path=gif_path)
@@ -350,6 +387,15 @@ def read_checkpoint(path):
         cfg = trpo.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["config"].items()})
     except TypeError:
         raise UserError(f"'{path}' is a checkpoint of another version of trpo_numpy.py.") from None
+    for field in dataclasses.fields(trpo.Config):
+        value, default = getattr(cfg, field.name), field.default
+        kinds = (int, float) if isinstance(default, float) else type(default)
+        if default is None:  # stop_return: a number, or None
+            kinds = (int, float, type(None))
+        if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(default, bool)) or (
+                isinstance(default, tuple) and not all(isinstance(n, int) for n in value)):
+            raise UserError(f"'{path}' is damaged: its setting {field.name} is {value!r}, not a "
+                            f"{type(default).__name__ if default is not None else 'number'}.")
     return saved, cfg
 
 
@@ -413,6 +459,8 @@ def run_config(args, typed, given):
             raise UserError("--normalize-advantages is for the single path; the vine's step uses its branches' Q.")
         env_dims(given.get("env", trpo.Config.env))  # an unknown environment: one sentence, before anything
         cfg = trpo.scheme_config(**given)
+        if "workers" not in given:  # the default, 2, with a single environment: one worker, as config.json says
+            cfg.workers = min(cfg.workers, cfg.num_envs)
         if cfg.out:  # now, before any time is spent (without --out, train makes a new, numbered folder)
             run_files.check_folder_is_free(cfg.out)
         return cfg, None
@@ -430,6 +478,18 @@ def run_config(args, typed, given):
         raise UserError(f"nothing to do: the run in {cfg.out} has trained {saved['env_steps']:,} of its "
                         f"--total-steps {cfg.total_steps:,} already; give a larger --total-steps to go on.")
     return cfg, saved
+
+
+def last_good_checkpoint(out):
+    """What a run that could not write its files keeps, in one sentence: its last good checkpoint (the
+    iteration it holds, and the command to go on from it), or that it has none."""
+    checkpoint = run_files.checkpoint_path(out)
+    try:
+        saved, _ = read_checkpoint(checkpoint)
+    except UserError:
+        return f"No checkpoint could be saved in {out}."
+    return (f"The last good checkpoint, of iteration {saved['iteration']}, is kept: make room, then continue "
+            f"with  python trpo_numpy.py --resume {checkpoint}")
 
 
 def notes(cfg, steps_done=0):
@@ -453,7 +513,7 @@ def main(argv):
     config_fields = {f.name for f in dataclasses.fields(trpo.Config)}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in config_fields}
     cfg = None
-    parallel.stop_on_signals()  # from here on Ctrl-C and SIGTERM stop the program (training or --eval)
+    parallel.stop_on_signals()  # from here on Ctrl-C, SIGTERM and SIGHUP stop the program (training or --eval)
     try:
         parallel.raise_if_stop_requested()  # a Ctrl-C that came, and was lost, while Python was importing
         training_options = sorted(k for k in given if k != "env")
@@ -471,6 +531,12 @@ def main(argv):
             return 0
         cfg, resume = run_config(args, typed, given)
         _, _, history = train(cfg, resume=resume, progress_bar=not args.quiet)
+    except run_files.WriteFailed as e:
+        if cfg is None or not cfg.out:  # nothing trained: a write before training (--gif, say)
+            print(f"error: {e}.", file=sys.stderr)
+            return 1
+        print(f"error: {e}; training stopped. {last_good_checkpoint(cfg.out)}", file=sys.stderr)
+        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -388,16 +388,62 @@ MUTANTS = [
     Mutant("network.py", "return e / e.sum(axis=-1, keepdims=True)", "return e / e.sum()",
            ["test_categorical_helpers_match_definitions"],
            "softmax normalises over the whole batch, not each state"),
+    # Caught, before their tests were written, by no test or only by a learning threshold
+    Mutant("trpo_numpy.py", "advantages = targets - values", "advantages = targets",
+           ["test_estimate_advantages_on_a_hand_computed_batch"],
+           "--advantage mc takes the returns-to-go as advantages, with no baseline"),
+    Mutant("trpo_numpy.py", 'value_fn.predict(batch["next_obs"].reshape(-1, D))',
+           'value_fn.predict(batch["obs"].reshape(-1, D))',
+           ["test_estimate_advantages_on_a_hand_computed_batch"],
+           "the bootstrap V(s_t+1) is taken at s_t"),
+    Mutant("trpo_numpy.py", "return (advantages - advantages.mean()) / (advantages.std() + 1e-8)",
+           "return advantages / (advantages.std() + 1e-8)",
+           ["test_standardize_centres_and_scales"],
+           "the standardised advantages are scaled but not centred"),
+    Mutant("trpo_numpy.py", "self.episode_return[e] = 0.0", "self.episode_return[e] += 0.0",
+           ["test_the_sampler_gives_each_episode_its_own_return"],
+           "an episode's running return is never reset: each return counts all the episodes before it"),
+    Mutant("trpo_numpy.py", "return L + coef * H, dL + coef * dH", "return L + coef * H, dL + dH",
+           ["test_with_entropy_bonus_adds_coef_times_the_entropy_and_its_gradient"],
+           "the entropy bonus's gradient is added without its coefficient"),
+    Mutant("run_files.py", 'learner.theta, vf.phi, vf.adam.m, vf.adam.v = saved["theta"], saved["phi"], '
+                           'saved["adam_m"], saved["adam_v"]',
+           'learner.theta, vf.phi = saved["theta"], saved["phi"]',
+           ["test_program.py::test_a_checkpoint_restores_the_whole_state_of_the_learner"],
+           "a resumed run's Adam starts again from zero moments"),
+    Mutant("run_files.py", 'learner.rng.bit_generator.state = saved["rng_state"]', 'learner.rng = learner.rng',
+           ["test_program.py::test_a_checkpoint_restores_the_whole_state_of_the_learner"],
+           "a resumed run's random generator starts again from the seed"),
+    Mutant("run_files.py", 'vf.adam.t, vf.mean, vf.std = saved["adam_t"], saved["value_mean"], saved["value_std"]',
+           'vf.adam.t = saved["adam_t"]',
+           ["test_program.py::test_a_checkpoint_restores_the_whole_state_of_the_learner"],
+           "a resumed run's value function forgets its targets' mean and std"),
 ]
 
 
+class ProjectChanged(Exception):
+    """The project no longer holds what an exercise or a mutant names (a file, a function): said in one sentence."""
+
+
 def find_function(tree, qualified_name):
-    """The FunctionDef node of `name` or `Class.name` in a module's syntax tree."""
+    """The FunctionDef node of `name` or `Class.name` in a module's syntax tree (ProjectChanged if none)."""
     *classes, name = qualified_name.split(".")
     scope = tree.body
     for class_name in classes:
-        scope = next(n for n in scope if isinstance(n, ast.ClassDef) and n.name == class_name).body
-    return next(n for n in scope if isinstance(n, ast.FunctionDef) and n.name == name)
+        scope = next((n.body for n in scope if isinstance(n, ast.ClassDef) and n.name == class_name), [])
+    found = next((n for n in scope if isinstance(n, ast.FunctionDef) and n.name == name), None)
+    if found is None:
+        raise ProjectChanged(f"the project has no function {qualified_name} any more (renamed or moved?), so its "
+                             f"exercise cannot be made; the list EXERCISES in exercise.py needs updating.")
+    return found
+
+
+def check_project_files():
+    """ProjectChanged, in one sentence, if a file the exercises copy is missing from the project."""
+    missing = [name for name in PROJECT_FILES if not os.path.isfile(os.path.join(HERE, name))]
+    if missing:
+        raise ProjectChanged(f"{os.path.join(HERE, missing[0])} is missing; the exercises need the whole project "
+                             f"(restore it, e.g. with git checkout).")
 
 
 def replace_body(source, qualified_name, new_body):
@@ -421,16 +467,18 @@ def blank_body(exercise):
 
 
 def copy_project(source_dir, target_dir, exercise=None, body=None):
-    """Copy the project's files; with an exercise, replace that function's body by `body`."""
+    """Copy the project's files; with an exercise, replace that function's body by `body` (worked out
+    first: a function that is not there is a ProjectChanged before anything is written)."""
+    replaced = None
+    if exercise is not None:
+        with open(os.path.join(source_dir, exercise.file)) as f:
+            replaced = replace_body(f.read(), exercise.function, body)
     os.makedirs(target_dir, exist_ok=True)
     for name in PROJECT_FILES:
         shutil.copy(os.path.join(source_dir, name), os.path.join(target_dir, name))
     if exercise is not None:
-        path = os.path.join(target_dir, exercise.file)
-        with open(path) as f:
-            source = f.read()
-        with open(path, "w") as f:
-            f.write(replace_body(source, exercise.function, body))
+        with open(os.path.join(target_dir, exercise.file), "w") as f:
+            f.write(replaced)
 
 
 def run_tests(directory, tests, stop_at_first_failure=False, timeout=None, columns=1000):
@@ -439,18 +487,26 @@ def run_tests(directory, tests, stop_at_first_failure=False, timeout=None, colum
     runs two of these at once. Its report is `columns` wide (1000 by default: summary lines in full, for
     `mutants` to read). With a timeout (seconds), pytest runs in a process group of its own,
     which is killed, whatever it started included, when the time is up (subprocess.TimeoutExpired is
-    raised) or when this process is interrupted."""
+    raised) or when this process is interrupted.
+
+    "All passed" is pytest's own account, read from the JUnit XML report it writes as it finishes: at
+    least one test ran, none failed, none erred. An exit code of 0 alone is not enough: code under test
+    that ends the process early (os._exit(0)) leaves no report, and fails."""
     ids = [name if "::" in name else f"test_trpo.py::{name}" for name in tests]
     own_group = timeout is not None and os.name == "posix"
+    report_file = os.path.join(directory, ".exercise-report.xml")
+    if os.path.exists(report_file):
+        os.remove(report_file)
     process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "--tb=short", "-rfE", "--no-header",
-                                "-p", "no:cacheprovider", *(["-x"] if stop_at_first_failure else []), *ids],
+                                "-p", "no:cacheprovider", f"--junitxml={report_file}",
+                                *(["-x"] if stop_at_first_failure else []), *ids],
                                cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=own_group,
                                env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                                     "MKL_NUM_THREADS": "1", "COLUMNS": str(columns)})
     try:
         stdout, stderr = process.communicate(timeout=timeout)
-    except BaseException:  # the time is up, or Ctrl-C: nothing may go on running
+    except BaseException:  # the time is up, Ctrl-C, SIGTERM or a closed terminal: nothing may go on running
         if own_group:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
@@ -460,7 +516,26 @@ def run_tests(directory, tests, stop_at_first_failure=False, timeout=None, colum
             process.kill()
         process.communicate()
         raise
-    return process.returncode == 0, stdout + stderr
+    report = stdout + stderr
+    counts = junit_counts(report_file)
+    if counts is None:
+        return False, report + (f"\nthe test process ended (exit code {process.returncode}) before pytest "
+                                f"could report: something in the code under test ended it early.\n")
+    passed = counts["tests"] - counts["skipped"] > 0 and counts["failures"] == counts["errors"] == 0
+    return process.returncode == 0 and passed, report
+
+
+def junit_counts(path):
+    """The tests, failures, errors and skipped counts of pytest's JUnit XML report, or None without one."""
+    import xml.etree.ElementTree as ElementTree
+    try:
+        suite = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    if suite is None:
+        return None
+    return {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
 
 
 def read_marker(directory):
@@ -523,11 +598,16 @@ def os_error(error):
 
 def command_make(args):
     exercise = BY_NAME[args.name]
-    target = args.into or f"exercise-{exercise.name}"
+    target = args.into if args.into is not None else f"exercise-{exercise.name}"
+    if not target.strip():
+        print("error: --into needs a folder name; leave it out for exercise-NAME.", file=sys.stderr)
+        return 2
     refusal = make_refusal(exercise, target, args.force)
     if refusal:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
+    with open(os.path.join(HERE, exercise.file)) as f:
+        replace_body(f.read(), exercise.function, blank_body(exercise))  # the function is there: before any write
     try:
         os.makedirs(target, exist_ok=True)
         write_marker(target, exercise)  # first: a copy cut short is still known as one
@@ -647,6 +727,8 @@ def try_mutant(mutant, directory):
     """Put one bug into a copy of the project in `directory` and run its tests, stopping at the first failure.
     Returns (verdict, the line to print): verdict "caught", "SURVIVED" or "BROKEN"."""
     copy_project(HERE, directory)
+    for test_file in {test.split("::")[0] for test in mutant.tests if "::" in test} - set(PROJECT_FILES):
+        shutil.copy(os.path.join(HERE, test_file), os.path.join(directory, test_file))  # test_program.py
     path = os.path.join(directory, mutant.file)
     with open(path) as f:
         source = f.read()
@@ -712,8 +794,15 @@ def positive_seconds(text):
     return seconds
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option ends with one sentence on stderr and exit code 2, no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help).\n")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the exercises")
     make = commands.add_parser("make", help="write a copy of the project with one function blanked")
@@ -731,16 +820,36 @@ def main(argv=None):
     commands.add_parser("mutants", help="put each plausible bug of MUTANTS into a copy of the code and prove "
                                         "that its tests fail")
     args = parser.parse_args(argv)
+    stop_on_signals()
     if args.command in ("check", "verify", "mutants") and importlib.util.find_spec("pytest") is None:
         print("error: the exercises' tests run with pytest, which is not installed; install it with: "
               "pip install pytest", file=sys.stderr)
         return 2
     try:
+        if args.command != "list":
+            check_project_files()
         return {"list": command_list, "make": command_make, "check": command_check,
                 "verify": command_verify, "mutants": command_mutants}[args.command](args) or 0
+    except ProjectChanged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\nstopped: {args.command} did not finish.", file=sys.stderr)
-        return 130
+        return 128 + (stop_signal[0] if stop_signal else signal.SIGINT)
+
+
+stop_signal = []  # the signal that stopped the command, if one did
+
+
+def stop_on_signals():
+    """SIGTERM and SIGHUP (a closed terminal) stop a command as Ctrl-C does, by KeyboardInterrupt, so that
+    the tests it is running are stopped with it (run_tests); the exit code is 128 + the signal's number."""
+    def stop(signum, frame):
+        stop_signal.append(signum)
+        raise KeyboardInterrupt
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
 
 
 if __name__ == "__main__":

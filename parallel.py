@@ -12,7 +12,7 @@ imports nothing from trpo_numpy.py):
 * `ForkPool`: runs functions in forked copies of the calling process, at most a
   given number at a time, and collects their results. A fork copies the process
   exactly, simulator included: that is how the vine restores a simulator state.
-* `stop_on_signals`: Ctrl-C and SIGTERM stop a run, even if their KeyboardInterrupt is
+* `stop_on_signals`: Ctrl-C, SIGTERM and SIGHUP stop a run, even if their KeyboardInterrupt is
   lost in library code (`raise_if_stop_requested`); `signals_held` and
   `ignore_stop_signals` keep a second Ctrl-C from cutting the final save short;
   `ProcessFailed`: a worker or forked child died or hung.
@@ -34,7 +34,7 @@ import traceback
 
 def set_up_process(main):
     """What every process of ours does before it imports NumPy: one BLAS thread, freed memory kept.
-    main=True (the program itself, not a worker) also notes a Ctrl-C or SIGTERM from now on, for the
+    main=True (the program itself, not a worker) also notes a stop signal (Ctrl-C, SIGTERM, SIGHUP) from now on, for the
     program to act on once it is ready (stop_on_signals(interrupt=False))."""
     pin_blas_threads()
     keep_freed_memory()
@@ -67,19 +67,23 @@ def keep_freed_memory():
         pass
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-_stop_requested = 0  # the first Ctrl-C (SIGINT) or SIGTERM noted once stop_on_signals is in place
+# Ctrl-C, SIGTERM (kill, a cluster's time limit) and, where there is one, SIGHUP (the terminal closed)
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+_stop_requested = 0  # the first stop signal noted once stop_on_signals is in place
 _unraisablehook_before = sys.__unraisablehook__  # the hook _drop_lost_interrupt hands every other error to
 
 
 def _note_stop(signum, frame):
     global _stop_requested
     _stop_requested = _stop_requested or signum
+    if signum == getattr(signal, "SIGHUP", None):
+        _stop_writing_to_a_closed_terminal()
 
 
 def exit_code_of_stop():
     """The exit code of a program stopped by a signal, by the shell's convention: 128 + the signal's
-    number (130 for Ctrl-C, 143 for SIGTERM); 130 if none was noted (a KeyboardInterrupt of Python's own)."""
+    number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP); 130 if none was noted (a KeyboardInterrupt
+    of Python's own)."""
     return 128 + (_stop_requested or signal.SIGINT)
 
 
@@ -88,9 +92,22 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
+_terminal_fds = []  # which of stdout and stderr were a terminal when stop_on_signals was set up
+
+
+def _stop_writing_to_a_closed_terminal():
+    """After SIGHUP, every write to the closed terminal fails (EIO), and a failed write in the final save's
+    messages, or Python's flush of stdout at exit, would end the program before it has saved. So what
+    went to the terminal goes to /dev/null from now on; output redirected to a file still goes there."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in _terminal_fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
 def stop_on_signals(interrupt=True):
-    """Ctrl-C and SIGTERM (kill, a cluster's time limit) stop a run: each raises KeyboardInterrupt,
-    and is remembered. Remembered because Python raises the interrupt in whatever code runs at that
+    """Ctrl-C, SIGTERM (kill, a cluster's time limit) and SIGHUP (a closed terminal) stop a run: each
+    raises KeyboardInterrupt, and is remembered. Remembered because Python raises the interrupt in whatever code runs at that
     moment, and some code discards the errors of what it calls (the initialisation of some compiled
     modules, during an import; a __del__ or a weakref callback, whose error Python prints as a
     traceback and drops, which _drop_lost_interrupt keeps quiet): raise_if_stop_requested() then stops
@@ -98,6 +115,7 @@ def stop_on_signals(interrupt=True):
     With interrupt=False they are only remembered: for the start of a program, still importing,
     where an interrupt would end in a traceback."""
     global _unraisablehook_before
+    _terminal_fds[:] = [fd for fd in (1, 2) if os.isatty(fd)]
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _stop if interrupt else _note_stop)
     if sys.unraisablehook is not _drop_lost_interrupt:
@@ -106,7 +124,7 @@ def stop_on_signals(interrupt=True):
 
 def _drop_lost_interrupt(unraisable):
     """Python's hook for an error it cannot raise (one in a __del__ or a weakref callback): it prints a
-    traceback and goes on. A KeyboardInterrupt raised there once a Ctrl-C or SIGTERM has been noted (the
+    traceback and goes on. A KeyboardInterrupt raised there once a stop signal has been noted (the
     one our handler raised) is dropped quietly, because it is remembered and raise_if_stop_requested()
     stops the run; any other error goes to the hook that was there before (Python's prints it)."""
     if issubclass(unraisable.exc_type, KeyboardInterrupt) and _stop_requested:
@@ -115,7 +133,7 @@ def _drop_lost_interrupt(unraisable):
 
 
 def raise_if_stop_requested():
-    """Raise KeyboardInterrupt if a Ctrl-C or SIGTERM came (see stop_on_signals), even one that was lost."""
+    """Raise KeyboardInterrupt if a stop signal came (see stop_on_signals), even one that was lost."""
     if _stop_requested:
         raise KeyboardInterrupt
 
@@ -125,14 +143,14 @@ class ProcessFailed(RuntimeError):
 
 
 def ignore_stop_signals():
-    """From now on Ctrl-C and SIGTERM do nothing (the program is already stopping)."""
+    """From now on the stop signals do nothing (the program is already stopping, or is a worker)."""
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold Ctrl-C and SIGTERM while the block runs (the final save, starting a worker); one that
+    """Hold the stop signals while the block runs (the final save, starting a worker); one that
     arrives meanwhile is delivered as the block ends. (ForkPool.submit holds them around fork itself,
     and lets only the parent deliver them.)
 
@@ -167,7 +185,7 @@ def _exit_on_sigterm(signum, frame):
 def _worker_main(connection, make_object, args):
     """Body of a worker process: build make_object(*args), then answer (method, args) calls
     with the method's result, until the main process closes the pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    ignore_stop_signals()  # Ctrl-C and a closed terminal are the main process's to handle
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # stopped mid-call: still run the cleanup below
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held while this process started
     owned = make_object(*args)
@@ -306,7 +324,7 @@ class ForkPool:
         if pid == 0:  # the child: compute, send, and leave without running any of the parent's cleanup
             status = 1
             try:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children itself
+                ignore_stop_signals()  # the parent stops its children itself
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 os.close(read_end)

@@ -17,7 +17,8 @@ writes and their log line are diagnostics.py's):
   (everything a run needs to continue), both written atomically;
 * the plots `learning_curve.png`, `diagnostics.png`, `theory.png`, and the GIF of an episode;
 * `UserError`: a mistake the user can fix (a bad option, an unreadable file), which the
-  command line reports in one sentence with exit code 2.
+  command line reports in one sentence with exit code 2; `WriteFailed`, a file that cannot be
+  written (a full disk), which stops a run with its last good checkpoint kept.
 
 What is not here: the algorithm (trpo_numpy.py), other processes (parallel.py), the
 command line (cli.py).
@@ -36,6 +37,16 @@ from diagnostics import PROGRESS_COLUMNS, format_log_line
 
 class UserError(Exception):
     """Something the user can fix (a bad option, an unknown env): reported in one sentence, exit code 2."""
+
+
+class WriteFailed(UserError):
+    """A file could not be written (a full disk, say). A training run stops, keeping its last good
+    checkpoint, and the command line says which in one sentence (exit code 1)."""
+
+
+def cannot_write(path, error):
+    """The WriteFailed of an OSError met writing path."""
+    return WriteFailed(f"cannot write '{path}': {error.strerror or error}")
 
 
 CHECKPOINT_FORMAT = "trpo-numpy checkpoint v1"
@@ -115,17 +126,27 @@ class RunFolder:
 
     def finish(self, snapshot):
         """The end of the run, whatever ended it: the last snapshot in checkpoint.npz, its policy in
-        policy.npz, the plots; then the folder is let go."""
+        policy.npz, what is left of progress.csv, the plots; then the folder is let go. Each is tried
+        even if one before it cannot be written (a full disk), the checkpoint first; the first such
+        failure is raised once all were tried. A terminal that is gone (EIO) stops no save."""
+        failures = []
         try:
-            self.bar.close()
-            if sys.exc_info()[0] is KeyboardInterrupt:
-                print("\nstopping: saving the last finished iteration, one moment ...", file=sys.stderr)
-            self.progress.close()
-            self.save_checkpoint(snapshot)
-            if self.history:
-                self.save_plots()
+            try:
+                self.bar.close()
+                if sys.exc_info()[0] is KeyboardInterrupt:
+                    print("\nstopping: saving the last finished iteration, one moment ...", file=sys.stderr)
+            except OSError:
+                pass  # the terminal is closed: nothing can be shown, everything can still be saved
+            for save in (lambda: self.save_checkpoint(snapshot), self.progress.close,
+                         self.save_plots if self.history else lambda: None):
+                try:
+                    save()
+                except WriteFailed as e:
+                    failures.append(e)
         finally:
             self.lock.close()
+        if failures:
+            raise failures[0]
 
 
 def snapshot(learner, run_id):
@@ -245,26 +266,45 @@ def check_folder_is_ours(out_dir, run_id):
 
 
 def write_config(out_dir, settings):
-    """config.json: the run's settings (a dict), readable by people and by json.load."""
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(settings, f, indent=2)
+    """config.json: the run's settings (a dict), readable by people and by json.load. Written to a
+    temporary file renamed over it: a full disk keeps the one there (and is a WriteFailed)."""
+    path = os.path.join(out_dir, "config.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(settings, f, indent=2)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise cannot_write(path, e) from None
 
 
 class ProgressCsv:
     """progress.csv, one row per iteration, flushed after each so a crash loses no finished row."""
 
     def __init__(self, out_dir, earlier_rows=()):
-        self.file = open(os.path.join(out_dir, "progress.csv"), "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=PROGRESS_COLUMNS, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(earlier_rows)  # a resumed run's rows, up to its checkpoint
+        path = os.path.join(out_dir, "progress.csv")
+        try:
+            self.file = open(path, "w", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=PROGRESS_COLUMNS, extrasaction="ignore")
+            self.writer.writeheader()
+            self.writer.writerows(earlier_rows)  # a resumed run's rows, up to its checkpoint (which holds them)
+            self.file.flush()
+        except OSError as e:
+            raise cannot_write(path, e) from None
 
     def write(self, row):
-        self.writer.writerow(row)
-        self.file.flush()
+        try:
+            self.writer.writerow(row)
+            self.file.flush()
+        except OSError as e:
+            raise cannot_write(self.file.name, e) from None
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()  # the file is closed even when its last flush fails
+        except OSError as e:
+            raise cannot_write(self.file.name, e) from None
 
 
 # ----------------------------------------------------------------------------
@@ -275,7 +315,7 @@ def write_npz_atomically(path, **arrays):
     """np.savez to a temporary file, flushed to disk, then renamed over `path`.
 
     A rename is atomic: a crash at any moment leaves either the old file or the new
-    one, never half of one. A failed write (a full disk) is a UserError, and removes
+    one, never half of one. A failed write (a full disk) is a WriteFailed, and removes
     the temporary file."""
     temporary = path + ".tmp"
     try:
@@ -287,7 +327,7 @@ def write_npz_atomically(path, **arrays):
     except OSError as e:  # a full disk, say: keep the last good file, leave no half-written one
         if os.path.exists(temporary):
             os.remove(temporary)
-        raise UserError(f"cannot write '{path}': {e.strerror or e}; the last good copy, if any, is kept.") from None
+        raise cannot_write(path, e) from None
 
 
 def save_policy(path, sizes, theta, env_id):
@@ -309,9 +349,20 @@ def open_npz(path, what):
 
 
 def read_policy(path):
-    """(layer sizes, theta, env id) from a policy.npz or checkpoint.npz."""
+    """(layer sizes, theta, env id) from a policy.npz or checkpoint.npz, each of the type it must have;
+    or UserError in one sentence."""
     data = open_npz(path, "policy or checkpoint")
-    return [int(n) for n in data["sizes"]], data["theta"], str(data["env"])
+    sizes, theta, env = data.get("sizes"), data.get("theta"), data.get("env")
+    if not (is_array(sizes, 1, np.integer) and len(sizes) >= 2 and np.all(sizes >= 1)
+            and is_array(theta, 1, np.floating) and is_array(env, 0, np.str_)):
+        raise UserError(f"'{path}' is damaged: its layer sizes, weights or environment id are missing or of "
+                        f"the wrong kind.")
+    return [int(n) for n in sizes], theta.astype(np.float64), str(env)
+
+
+def is_array(value, ndim, kind):
+    """Whether value is a NumPy array of ndim dimensions whose dtype is of `kind` (np.integer, ...)."""
+    return isinstance(value, np.ndarray) and value.ndim == ndim and np.issubdtype(value.dtype, kind)
 
 
 def write_checkpoint(path, snapshot, settings, sizes, value_sizes, env_id):
@@ -341,6 +392,14 @@ def read_checkpoint(path):
         saved["episode_returns"] = list(data["episode_returns"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UserError(f"'{path}' is a checkpoint of another version of trpo_numpy.py.") from None
+    counters = {"adam_t": int, "iteration": int, "env_steps": int, "wall_s": (int, float), "value_mean": (int, float),
+                "value_std": (int, float), "run_id": str, "history": list, "rng_state": dict}
+    if not (all(isinstance(saved.get(k), kinds) and not isinstance(saved.get(k), bool) for k, kinds in counters.items())
+            and all(isinstance(row, dict) for row in saved["history"]) and saved["value_std"] > 0
+            and all(is_array(saved[k], 1, np.floating) for k in ("theta", "phi", "adam_m", "adam_v"))
+            and saved["adam_m"].shape == saved["adam_v"].shape == saved["phi"].shape
+            and is_array(data["episode_returns"], 1, np.floating)):
+        raise UserError(f"'{path}' is damaged: a field of its training state is missing or of the wrong kind.")
     return saved
 
 
@@ -445,20 +504,47 @@ def plot_figures(history, env_id, seed, scheme_name, max_kl, solved_at=None):
 
 def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl, solved_at=None):
     """Write plot_figures' three PNGs into out_dir."""
-    import matplotlib.pyplot as plt
     for name, fig in plot_figures(history, env_id, seed, scheme_name, max_kl, solved_at).items():
-        fig.savefig(os.path.join(out_dir, name), dpi=100)
+        save_figure(fig, [os.path.join(out_dir, name)])
+
+
+def save_figure(fig, paths):
+    """fig as a PNG at each of paths, then closed. Each is drawn into a temporary file renamed over
+    the path, so a full disk leaves the last good plot, never half of one (and a WriteFailed)."""
+    import matplotlib.pyplot as plt
+    try:
+        for path in paths:
+            temporary = path + ".tmp"
+            try:
+                fig.savefig(temporary, dpi=100, format="png")
+                os.replace(temporary, path)
+            except OSError as e:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
+                raise cannot_write(path, e) from None
+    finally:
         plt.close(fig)
 
 
 def write_gif(path, frames, fps, every=2, max_width=300):
-    """Write RGB frames as an animated GIF with Pillow (which matplotlib already needs).
+    """Write RGB frames as an animated GIF with Pillow (which matplotlib already needs), as a new file.
 
-    Every second frame at half size keeps a 1000-step episode to a few MB."""
+    Every second frame at half size keeps a 1000-step episode to a few MB. The GIF goes to a temporary
+    file beside `path`, which then takes its name only if nothing has it (os.link refuses a name that
+    exists): a full disk leaves no partial file, and nothing that is there is replaced."""
     from PIL import Image
     shrink = max(1, int(np.ceil(frames[0].shape[1] / max_width)))
     images = [Image.fromarray(np.ascontiguousarray(frame[::shrink, ::shrink])) for frame in frames[::every]]
+    temporary = f"{path}.{os.getpid()}.tmp"
     try:
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 * every / fps), loop=0)
+        images[0].save(temporary, format="GIF", save_all=True, append_images=images[1:],
+                       duration=int(1000 * every / fps), loop=0)
+        os.link(temporary, path)
+    except FileExistsError:
+        raise UserError(f"'{path}' appeared while the animation was drawn; it is kept, and the animation "
+                        f"was not written.") from None
     except OSError as e:
         raise UserError(f"cannot write the animation to '{path}': {e.strerror or e}.") from None
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)

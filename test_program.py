@@ -1,8 +1,8 @@
 """test_program.py: the program around the algorithm, checked as a user meets it.
 
 The command line and its answer to bad input (exit code 2, one sentence, no traceback), the help text,
-output folders, checkpoints and resuming, Ctrl-C and SIGTERM, worker and branch processes that are
-killed or hang, evaluation and its GIF, the plots' tick labels, the input checks of bench.py and
+output folders, checkpoints and resuming, a full disk, Ctrl-C, SIGTERM and a closed terminal, worker
+and branch processes that are killed or hang, evaluation and its GIF, the plots' tick labels, the input checks of bench.py and
 exercise.py, and the value fit's second thread. The mathematics and the algorithm (TRPO,
 arXiv:1502.05477; GAE, arXiv:1506.02438) are tested in test_trpo.py.
 
@@ -73,6 +73,9 @@ def run_cli(*args, cwd=HERE):
     (["--hidden", "100000"], "--hidden 100000 is wider"),
     (["--num-envs", "100000"], "--num-envs 100,000 is more environments than --total-steps 64"),
     (["--total-steps", "100000000", "--num-envs", "5000"], "--num-envs 5,000 environments would take minutes"),
+    (["--max-kl", "1e300"], "--max-kl 1e+300 is no trust region"),
+    (["--workers", "64", "--num-envs", "2"], "--workers 64 is more processes than --num-envs 2"),
+    (["--env", "GymV26Environment-v0"], "needs a package that is not installed"),
 ])
 def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
     """Each bad command line (an unknown environment, or one with image or tuple observations; the vine's
@@ -84,6 +87,33 @@ def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
     assert words in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_spaces_the_policy_cannot_serve_are_refused_in_one_sentence():
+    """Environments registered here: Discrete actions numbered from 1 (the categorical gives 0 to n - 1), and
+    a Box observation of shape (0,) (no input for the networks): cli.env_dims refuses each with a UserError
+    saying why; the same environment with actions from 0 and one observation is accepted."""
+    import gymnasium as gym
+
+    class Tiny(gym.Env):
+        def __init__(self, start=0, observations=1, render_mode=None):
+            self.action_space = gym.spaces.Discrete(3, start=start)
+            self.observation_space = gym.spaces.Box(-1.0, 1.0, (observations,), np.float64)
+
+        def reset(self, seed=None, options=None):
+            return np.zeros(self.observation_space.shape), {}
+
+        def step(self, action):
+            return np.zeros(self.observation_space.shape), 0.0, True, False, {}
+    for name, settings in (("TinyFromOne-v0", dict(start=1)), ("TinyNoObservation-v0", dict(observations=0)),
+                           ("TinyFine-v0", {})):
+        if name not in gym.registry:
+            gym.register(name, entry_point=Tiny, kwargs=settings)
+    with pytest.raises(cli.UserError, match="numbers its 3 actions from 1; the categorical policy gives actions 0"):
+        cli.env_dims("TinyFromOne-v0")
+    with pytest.raises(cli.UserError, match="the networks need a flat Box observation of one number or more"):
+        cli.env_dims("TinyNoObservation-v0")
+    assert cli.env_dims("TinyFine-v0") == (1, 3, False)
 
 
 def test_help_explains_every_flag():
@@ -213,9 +243,9 @@ def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path):
 # ----------------------------------------------------------------------------
 
 def test_checkpoint_write_is_atomic_under_a_crash(tmp_path, monkeypatch):
-    """write_npz_atomically with np.savez failing half way (a full disk, simulated): a UserError that says so
-    and that the last good copy is kept, no temporary file left behind, and the previous checkpoint byte for
-    byte intact and loadable."""
+    """write_npz_atomically with np.savez failing half way (a full disk, simulated): a WriteFailed that names
+    the file and the reason, no temporary file left behind, and the previous checkpoint byte for byte intact
+    and loadable. (What the command line then says: test_a_full_disk_stops_the_run_keeping_its_last_checkpoint.)"""
     path = str(tmp_path / "checkpoint.npz")
     run_files.write_npz_atomically(path, format=run_files.CHECKPOINT_FORMAT, theta=np.arange(5.0))
     before = open(path, "rb").read()
@@ -224,12 +254,114 @@ def test_checkpoint_write_is_atomic_under_a_crash(tmp_path, monkeypatch):
         f.write(b"PK\x03\x04 half a zip file")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(np, "savez", crash_half_way)
-    with pytest.raises(run_files.UserError, match="cannot write .* No space left on device; the last good"):
+    with pytest.raises(run_files.WriteFailed, match="cannot write '.*checkpoint.npz': No space left on device"):
         run_files.write_npz_atomically(path, format=run_files.CHECKPOINT_FORMAT, theta=np.zeros(5))
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["checkpoint.npz"]  # no half-written temporary file left behind
     assert open(path, "rb").read() == before  # the last good checkpoint is untouched
     assert np.array_equal(np.load(path)["theta"], np.arange(5.0))
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A folder on a file system of `size` KB, a tmpfs mounted for the test (Linux, with the right to
+    mount, as root); skips the test where it cannot be mounted."""
+    mounted = []
+
+    def make(size_kb):
+        folder = tmp_path / f"disk{size_kb}k"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"a small file system cannot be mounted here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resource limits, tmpfs")
+@pytest.mark.parametrize("full, size_kb", [("disk", 16), ("disk", 64), ("file", 40)])
+def test_a_full_disk_stops_the_run_keeping_its_last_checkpoint(tmp_path, small_file_system, full, size_kb):
+    """A run whose disk fills: on a file system of size_kb (16 KB fills before the first checkpoint, 64 KB
+    after a few), or where no file may grow past size_kb (RLIMIT_FSIZE, which needs no mount: a write past
+    it fails as on a full disk, here a checkpoint's after a few). It stops
+    with exit code 1 and one sentence, no traceback: the file that could not be written, and the last good
+    checkpoint it keeps, which loads and holds the iteration the sentence names, with its --resume command
+    (or that none could be saved). No temporary file is left, and every PNG there is whole."""
+    import importlib
+    import resource
+    import signal
+    importlib.import_module("matplotlib.font_manager")  # its font cache is built now, not by the limited run
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size_kb * 1024, size_kb * 1024))
+    out = (small_file_system(size_kb) if full == "disk" else tmp_path) / "run"
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1", "--num-envs", "2",
+         "--steps-per-env", "32", "--hidden", "8", "--total-steps", str(64 * 200), "--save-every", "3",
+         "--workers", "1", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size if full == "file" else None)
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    reason = "No space left on device" if full == "disk" else "File too large"
+    assert message[0].startswith("error: cannot write '") and f"{reason}; training stopped." in message[0]
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    for png in out.glob("*.png"):
+        assert png.read_bytes().endswith(b"IEND\xaeB`\x82")  # a PNG's last chunk: the file is whole
+    if "No checkpoint could be saved" in message[0]:
+        assert not (out / "checkpoint.npz").exists() and size_kb == 16
+        return
+    assert f"continue with  python trpo_numpy.py --resume {out / 'checkpoint.npz'}" in message[0]
+    saved, _ = cli.read_checkpoint(str(out / "checkpoint.npz"))
+    assert f"of iteration {saved['iteration']}, is kept" in message[0]
+    assert saved["iteration"] >= 3 and len(saved["history"]) == saved["iteration"]
+
+
+def test_a_checkpoint_restores_the_whole_state_of_the_learner(tmp_path):
+    """A learner trained 3 iterations, written to a checkpoint, read back and restored into a new learner:
+    every part of the state is the saved one (theta, phi, Adam's moments and step, V's mean and std, the
+    generator's state, the counters, the history and the episode returns), and the two then compute the
+    same things: the same next random numbers, the same V, and the same value fit from the same data."""
+    cfg = short_config(tmp_path, "run", total_steps=3 * 512)
+    learner = T.Learner(cfg)
+    sampler = engine.make_sampler(cfg, learner)
+    try:
+        for _ in range(3):
+            engine.train_iteration(learner, sampler)
+    finally:
+        sampler.close()
+    learner.wall_s = 12.5
+    path = str(tmp_path / "checkpoint.npz")
+    os.makedirs(cfg.out)
+    run_files.write_checkpoint(path, run_files.snapshot(learner, "run-id"), dataclasses.asdict(cfg),
+                               learner.policy_net.sizes, learner.value_fn.net.sizes, cfg.env)
+    saved, saved_cfg = cli.read_checkpoint(path)
+    restored = T.Learner(saved_cfg)
+    assert run_files.restore(restored, saved) == "run-id"
+    original, again = run_files.snapshot(learner, "run-id"), run_files.snapshot(restored, "run-id")
+    assert original.keys() == again.keys()
+    for key in original:
+        if isinstance(original[key], np.ndarray):
+            assert np.array_equal(original[key], again[key]) and original[key].dtype == again[key].dtype, key
+        elif key == "history":  # a row's NaN (no episode ended, say) must come back NaN
+            assert [row.keys() for row in original[key]] == [row.keys() for row in again[key]]
+            assert all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k])
+                       for a, b in zip(original[key], again[key]) for k in a), key
+        else:
+            assert original[key] == again[key], key
+    assert learner.value_fn.adam.t > 0 and learner.value_fn.std != 1.0  # the fit has changed them
+    states = np.random.default_rng(5).standard_normal((64, 4))
+    assert np.array_equal(learner.value_fn.predict(states), restored.value_fn.predict(states))
+    assert np.array_equal(learner.rng.integers(2 ** 62, size=8), restored.rng.integers(2 ** 62, size=8))
+    targets = np.random.default_rng(6).standard_normal(64)
+    for vf, rng in ((learner.value_fn, np.random.default_rng(7)), (restored.value_fn, np.random.default_rng(7))):
+        vf.fit(states, targets, epochs=2, minibatch=16, rng=rng)
+    assert np.array_equal(learner.value_fn.phi, restored.value_fn.phi)
 
 
 def test_resume_continues_the_counters_and_the_csv(tmp_path):
@@ -292,7 +424,7 @@ def test_bad_checkpoints_and_folders_are_one_sentence_and_exit_code_2(tmp_path):
         (["--eval", str(good), "--env", "LunarLander-v3"], "takes 4 observations and gives 2 actions"),
         (["--eval", str(good), "--episodes", "0"], "--episodes must be positive"),
         (["--eval", str(good), "--gif", str(tmp_path / "out")], "--gif needs a file name ending in .gif"),
-        (["--eval", str(good), "--gif", str(tmp_path)], "--gif needs a file name ending in .gif"),
+        (["--eval", str(good), "--gif", str(tmp_path)], "is a folder; give the name of a new file"),
         (["--eval", str(good), "--seed", "3"], "--seed is for training"),
         (["--greedy", "--total-steps", "64", "--out", str(tmp_path / "new")], "--greedy goes with --eval"),
     ]
@@ -472,13 +604,14 @@ def test_ctrl_c_while_starting_names_only_files_that_exist(tmp_path, delay):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("signal_name, scheme", [("SIGINT", "single"), ("SIGTERM", "single"), ("SIGINT", "vine")])
+@pytest.mark.parametrize("signal_name, scheme", [("SIGINT", "single"), ("SIGTERM", "single"), ("SIGINT", "vine"),
+                                                 ("SIGHUP", "vine")])
 def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name, scheme):
-    """SIGINT or SIGTERM after three iterations (single path; and SIGINT on the vine): the run stops within
-    10 s with exit code 130 (SIGINT) or 143 (SIGTERM), the shell's 128 + signal number, no traceback and
-    the --resume command; its checkpoint loads (iteration >= 3
-    although --save-every is 1000), policy.npz has the same shape, and within 10 s no process of its session
-    is left."""
+    """SIGINT, SIGTERM or SIGHUP after three iterations: the run stops within 10 s with exit code 130
+    (SIGINT), 143 (SIGTERM) or 129 (SIGHUP), the shell's 128 + signal number, no traceback and the --resume
+    command; its checkpoint loads (iteration >= 3 although --save-every is 1000), policy.npz has the same
+    shape, and within 10 s no process of its session is left. SIGHUP goes, as from a closed terminal, to
+    every process of the run's group, its workers and the vine's forked branches included."""
     import signal
     import time
     out = tmp_path / "run"
@@ -495,7 +628,10 @@ def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name
             break
         time.sleep(0.1)
     sent = time.time()
-    process.send_signal(getattr(signal, signal_name))
+    if signal_name == "SIGHUP":
+        os.killpg(process.pid, signal.SIGHUP)  # the run's whole process group, as a closed terminal does
+    else:
+        process.send_signal(getattr(signal, signal_name))
     _, stderr = process.communicate(timeout=30)
     assert time.time() - sent < 10, "it must stop promptly, not an iteration later"
     assert process.returncode == 128 + getattr(signal, signal_name) and "Traceback" not in stderr
@@ -506,6 +642,55 @@ def test_a_signal_stops_cleanly_with_a_loadable_checkpoint(tmp_path, signal_name
     while processes_in_session(process.pid) and time.time() - sent < 10:
         time.sleep(0.1)  # the workers see their pipe close and exit by themselves, within moments
     assert processes_in_session(process.pid) == [], "a worker process was left behind"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pseudo-terminal, reads /proc")
+def test_a_closed_terminal_saves_like_ctrl_c(tmp_path):
+    """The run's terminal (a pseudo-terminal, with its progress bar and log lines) closes after three
+    iterations: the kernel sends SIGHUP, and from then on every write to that terminal fails. The run still
+    saves as on Ctrl-C: exit code 129, a checkpoint that loads with iteration >= 3 (--save-every is 1000),
+    and within 10 s no process of its session is left."""
+    import pty
+    import threading
+    import time
+    out = tmp_path / "run"
+    pid, terminal = pty.fork()
+    if pid == 0:  # the run, with the pseudo-terminal as its controlling terminal, stdout and stderr
+        os.execv(sys.executable, [sys.executable, os.path.join(HERE, "trpo_numpy.py"), "--env", "CartPole-v1",
+                                  "--num-envs", "4", "--steps-per-env", "64", "--hidden", "16", "16",
+                                  "--save-every", "1000", "--out", str(out)])
+    shown = []
+
+    def read_terminal():  # what the run writes must be read, or it would block on a full terminal
+        try:
+            while chunk := os.read(terminal, 4096):
+                shown.append(chunk)
+        except OSError:
+            pass
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        progress = out / "progress.csv"
+        if progress.exists() and len(progress.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.1)
+    sent = time.time()
+    os.close(terminal)  # the terminal closes: SIGHUP to the run's processes
+    while True:
+        finished, status = os.waitpid(pid, os.WNOHANG)
+        if finished:
+            break
+        if time.time() - sent > 30:
+            os.kill(pid, 9)
+            pytest.fail("the run did not stop after its terminal closed")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 129, b"".join(shown)[-3000:]
+    data, _ = cli.read_checkpoint(str(out / "checkpoint.npz"))
+    assert data["iteration"] >= 3
+    while processes_in_session(pid) and time.time() - sent < 10:
+        time.sleep(0.1)
+    assert processes_in_session(pid) == [], "a worker process was left behind"
 
 
 # ----------------------------------------------------------------------------
@@ -957,6 +1142,54 @@ def test_no_progress_bar_is_drawn_into_a_pipe_and_quiet_leaves_the_log_lines(tmp
     assert result.returncode == 2 and "--quiet is for training" in result.stderr
 
 
+def test_gif_never_replaces_a_file_and_leaves_none_half_written(tmp_path, monkeypatch):
+    """--gif onto a file that exists, or onto a symlink (to a file, or dangling), or a folder named d.gif, is
+    refused in one sentence (a UserError, before any episode), and the file, the link and its target are as
+    they were. write_gif on a disk that fills as it writes raises UserError and leaves no file at all; into
+    a name taken meanwhile it keeps that file. A name that is only '.gif' is a file name like any other:
+    the GIF is written there."""
+    policy = str(tmp_path / "policy.npz")
+    run_files.save_policy(policy, [4, 8, 2], MLP([4, 8, 2]).init(np.random.default_rng(0)), "CartPole-v1")
+    kept = tmp_path / "kept.gif"
+    kept.write_bytes(b"a student's file")
+    link = tmp_path / "link.gif"
+    link.symlink_to(kept)
+    dangling = tmp_path / "dangling.gif"
+    dangling.symlink_to(tmp_path / "nowhere.gif")
+    (tmp_path / "d.gif").mkdir()
+    for target, words in [(kept, "exists already"), (link, "exists already"), (dangling, "exists already"),
+                          (tmp_path / "d.gif", "is a folder")]:
+        with pytest.raises(cli.UserError, match=f"^--gif: '{target}' {words}"):
+            cli.run_evaluation(policy, 1, True, str(target))
+    assert kept.read_bytes() == b"a student's file" and os.readlink(link) == str(kept)
+    assert not (tmp_path / "nowhere.gif").exists()
+    monkeypatch.chdir(tmp_path)
+    cli.run_evaluation(policy, 1, True, ".gif")
+    assert (tmp_path / ".gif").read_bytes()[:6] == b"GIF89a"
+    monkeypatch.undo()
+
+    from PIL import Image
+    frames = [np.zeros((8, 8, 3), np.uint8)] * 4
+
+    def disk_fills(image, fp, *args, **kwargs):
+        open(fp, "wb").write(b"GIF89a, then")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", disk_fills)
+    with pytest.raises(cli.UserError, match="No space left on device"):
+        run_files.write_gif(str(tmp_path / "full.gif"), frames, fps=50)
+    assert sorted(os.listdir(tmp_path)) == sorted([".gif", "d.gif", "dangling.gif", "kept.gif", "link.gif", "policy.npz"])
+    monkeypatch.undo()
+
+    def taken_meanwhile(image, fp, *args, **kwargs):
+        (tmp_path / "taken.gif").write_bytes(b"taken")  # another program takes the name meanwhile
+        open(fp, "wb").write(b"GIF89a")
+    monkeypatch.setattr(Image.Image, "save", taken_meanwhile)
+    with pytest.raises(cli.UserError, match="appeared while the animation was drawn"):
+        run_files.write_gif(str(tmp_path / "taken.gif"), frames, fps=50)
+    assert (tmp_path / "taken.gif").read_bytes() == b"taken"
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
 def test_an_evaluation_says_episode_in_the_singular_and_checks_the_gif_folder_first(tmp_path):
     """--eval --episodes 1 prints '1 evaluation episode'; a --gif into a folder that does not exist is refused
     in one sentence before any episode is played (no traceback)."""
@@ -1071,6 +1304,87 @@ def test_exercise_check_stops_an_answer_that_never_finishes(tmp_path):
     no_time = run_exercise("check", "kl", "--from", str(copy), "--timeout", "0")
     assert no_time.returncode == 2 and "Traceback" not in no_time.stderr
     assert "--timeout: must be a positive number of seconds" in no_time.stderr.strip().splitlines()[-1]
+
+
+def test_exercise_check_fails_an_answer_that_ends_the_test_process(tmp_path):
+    """An answer whose body is `import os; os._exit(0)` ends pytest with exit code 0 before it can report
+    a single result: check says "not yet" (exit 1), never "Well done", and says the process ended early."""
+    import exercise
+    copy = tmp_path / "kl"
+    assert run_exercise("make", "kl", "--into", str(copy)).returncode == 0
+    network = copy / "network.py"
+    network.write_text(exercise.replace_body(network.read_text(), "kl", "import os\nos._exit(0)\n"))
+    result = run_exercise("check", "kl", "--from", str(copy))
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "Well done" not in result.stdout and "kl: not yet" in result.stdout
+    assert "ended (exit code 0) before pytest could report" in result.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals, reads /proc")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_exercise_check_stops_the_tests_it_runs(tmp_path, signal_name):
+    """SIGTERM (or SIGHUP, a closed terminal) to `exercise.py check` while the answer loops forever: check
+    exits with 128 + the signal's number, without a traceback, and the process running the loop is gone."""
+    import signal
+    import time
+    import exercise
+    copy = tmp_path / "kl"
+    assert run_exercise("make", "kl", "--into", str(copy)).returncode == 0
+    pid_file = tmp_path / "pid"
+    network = copy / "network.py"
+    network.write_text(exercise.replace_body(network.read_text(), "kl", f"""
+        import os
+        with open({str(pid_file)!r}, "w") as f:
+            f.write(str(os.getpid()))
+        while True:
+            pass
+        """))
+    check = subprocess.Popen([sys.executable, os.path.join(HERE, "exercise.py"), "check", "kl", "--from", str(copy)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    loop_pid = int(pid_file.read_text())
+    check.send_signal(getattr(signal, signal_name))
+    _, stderr = check.communicate(timeout=30)
+    assert check.returncode == 128 + getattr(signal, signal_name), stderr
+    assert "Traceback" not in stderr and "stopped: check did not finish." in stderr
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(loop_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(loop_pid, 0)
+
+
+def test_exercise_py_says_in_one_sentence_what_it_cannot_do(tmp_path):
+    """exercise.py's bad input and a project that has changed under it, each one sentence on stderr, no
+    usage dump, no traceback: an unknown exercise (exit 2), `make --into ""` (exit 2, nothing written),
+    and, in a copy of the project, `verify` with test_trpo.py missing and `make kl` once kl is renamed
+    (exit 1; make writes no copy at all)."""
+    import exercise
+    for args, words in ((["make", "nosuch"], "invalid choice: 'nosuch'"),
+                        (["make", "kl", "--into", ""], "--into needs a folder name")):
+        assert_refused(run_exercise(*args, cwd=tmp_path), words)
+    assert os.listdir(tmp_path) == []
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in exercise.PROJECT_FILES + ["exercise.py"]:
+        (project / name).write_text(open(os.path.join(HERE, name)).read())
+    network = project / "network.py"
+    network.write_text(network.read_text().replace("\ndef kl(", "\ndef kl_divergence("))
+    renamed = run_exercise("make", "kl", "--into", str(tmp_path / "copy"), script=str(project / "exercise.py"),
+                           cwd=tmp_path)
+    assert renamed.returncode == 1 and "Traceback" not in renamed.stderr, renamed.stderr
+    assert "has no function kl any more" in renamed.stderr and len(renamed.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "copy").exists()
+    (project / "test_trpo.py").unlink()
+    missing = run_exercise("verify", script=str(project / "exercise.py"), cwd=tmp_path)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr
+    assert "test_trpo.py is missing" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_exercise_make_refuses_unwritable_folders_and_the_projects_own_files(tmp_path):
@@ -1288,12 +1602,16 @@ def test_bench_writes_the_published_results_only_with_publish(fast_bench, tmp_pa
     (["--env", "NoSuchEnv-v0"], "unknown environment"),
     (["--target", "nan"], "--target must be a finite number"),
     (["--env", "Pendulum-v1", "--trust-region-demo"], "--trust-region-demo runs on LunarLander-v3 only"),
+    (["--seeds", "0", "0"], "--seeds lists seed 0 more than once"),
+    (["--trust-region-demo", "--scheme", "vine"], "--trust-region-demo trains the single path only"),
+    (["--total-steps", "1024"], "--total-steps 1,024 is less than one iteration, whose batch is 16,384 steps"),
 ])
 def test_bench_refuses_bad_input_before_training_in_one_sentence(bench_module, tmp_path, capsys, monkeypatch,
                                                                   args, words):
     """bench.py with a negative seed, fewer --total-steps than one step of every environment (for either
-    scheme), no evaluation episodes, an --out it cannot make (in /proc, below a regular file): exit code 2,
-    one sentence on stderr, no traceback, and no training started."""
+    scheme) or than one iteration, no evaluation episodes, an --out it cannot make (in /proc, below a regular
+    file), a seed given twice, the trust-region demo of another scheme: exit code 2, one sentence on stderr,
+    no traceback, and no training started."""
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
     monkeypatch.setattr(cli, "train", no_training)
@@ -1539,6 +1857,45 @@ def test_exercise_py_says_when_pytest_is_missing_and_refuses_a_folder_of_other_f
         cli.act(net, net.init(np.random.default_rng(0)), np.zeros((3, 4)))
 
 
+def test_crafted_policy_and_checkpoint_files_are_refused_in_one_sentence(tmp_path):
+    """A policy.npz or checkpoint.npz of the right format whose fields are missing or of the wrong kind (no
+    sizes, float sizes, string weights, 2-D weights, NaN weights; a checkpoint whose iteration is a string,
+    whose Adam moments are missing, whose value std is 0, whose --num-envs is a string or whose --hidden
+    holds a float) is refused with a UserError naming the file: never a traceback from deep inside. So are
+    an observation of the wrong length and a NaN observation handed to cli.act."""
+    cli.train(short_config(tmp_path, "run", total_steps=512), verbose=False)
+    checkpoint = dict(np.load(tmp_path / "run" / "checkpoint.npz"))
+    policy = dict(np.load(tmp_path / "run" / "policy.npz"))
+    policies = {"no sizes": {k: v for k, v in policy.items() if k != "sizes"},
+                "float sizes": {**policy, "sizes": policy["sizes"].astype(float)},
+                "string weights": {**policy, "theta": policy["theta"].astype(str)},
+                "2-D weights": {**policy, "theta": policy["theta"][None]},
+                "NaN weights": {**policy, "theta": np.full_like(policy["theta"], np.nan)}}
+    for name, fields in policies.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **fields)
+        with pytest.raises(run_files.UserError, match=f"'{path}' (is damaged|holds weights that are not finite)"):
+            cli.load_policy(str(path))
+    meta = json.loads(str(checkpoint["meta"]))
+    checkpoints = {"string iteration": {**checkpoint, "meta": json.dumps({**meta, "iteration": "3"})},
+                   "no moments": {k: v for k, v in checkpoint.items() if k != "adam_m"},
+                   "zero std": {**checkpoint, "meta": json.dumps({**meta, "value_std": 0.0})},
+                   "string num_envs": {**checkpoint,
+                                       "meta": json.dumps({**meta, "config": {**meta["config"], "num_envs": "4"}})},
+                   "float hidden": {**checkpoint,
+                                    "meta": json.dumps({**meta, "config": {**meta["config"], "hidden": [16.5]}})}}
+    for name, fields in checkpoints.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **fields)
+        with pytest.raises(run_files.UserError, match=f"'{path}' is (damaged|a checkpoint of another version)"):
+            cli.read_checkpoint(str(path))
+    net, theta, _ = cli.load_policy(str(tmp_path / "run" / "policy.npz"))
+    with pytest.raises(run_files.UserError, match="a vector of 4 numbers, not an array of shape \\(3,\\)"):
+        cli.act(net, theta, np.zeros(3))
+    with pytest.raises(run_files.UserError, match="not finite"):
+        cli.act(net, theta, np.array([0.0, np.nan, 0.0, 0.0]))
+
+
 def test_a_continuous_run_starts_at_log_std_init_and_writes_a_gaussian_policy(tmp_path):
     """Continuous actions end to end: a short Pendulum run (workers=1) starts its Gaussian policy at
     --log-std-init, so the first step's entropy is d log sigma + d/2 (1 + log 2 pi); its policy.npz loads
@@ -1560,7 +1917,7 @@ def test_bench_on_a_continuous_env_names_its_files_after_it_and_measures_to_its_
     Pendulum-v1-single, its table counts steps to -1000, and its JSON records the environment, the target
     and a greedy (mean action) evaluation over the episodes asked."""
     code, out, err = run_bench(bench_module, capsys, "--env", "Pendulum-v1", "--target", -1000, "--seeds", 0,
-                               "--total-steps", 1024, "--eval-episodes", 2)
+                               "--total-steps", 8192, "--eval-episodes", 2)
     assert code == 0, err
     folder = tmp_path / "bench_runs" / "Pendulum-v1-single"
     assert (folder / "Pendulum-v1-single.md").exists() and (folder / "Pendulum-v1-single_learning_curves.png").exists()

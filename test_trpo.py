@@ -339,6 +339,76 @@ def test_monte_carlo_returns_on_a_hand_computed_trajectory():
     assert np.allclose(got, expected, rtol=1e-12)
 
 
+class TenTimesFirstFeature:
+    """A value function stand-in: V(s) = 10 s_0, so that which states V is taken at shows in the numbers."""
+
+    def predict(self, states):
+        return 10.0 * states[:, 0]
+
+
+# One environment, three steps whose states are 1, 2, 3; the batch is cut after the third, whose next
+# state is 4: V = 10, 20, 30 at the states, and the bootstrap is V(4) = 40.
+THREE_STEPS = dict(obs=np.array([[[1.0]], [[2.0]], [[3.0]]]), next_obs=np.array([[[2.0]], [[3.0]], [[4.0]]]),
+                   rewards=np.array([[1.0], [2.0], [3.0]]), terminated=np.zeros((3, 1), bool),
+                   truncated=np.zeros((3, 1), bool))
+
+
+@pytest.mark.parametrize("advantage", ["gae", "mc"])
+def test_estimate_advantages_on_a_hand_computed_batch(advantage):
+    """estimate_advantages on THREE_STEPS with gamma = lambda = 0.5: V at obs is the baseline, V(next_obs)
+    the bootstrap of the batch's end. 'gae': deltas 1, -3, -7, A = (-0.1875, -4.75, -7), targets A + V;
+    'mc': returns-to-go (7.75, 13.5, 23), A = returns - V = (-2.25, -6.5, -7), the targets the returns."""
+    cfg = T.Config(advantage=advantage, gamma=0.5, lam=0.5)
+    advantages, targets, values = T.estimate_advantages(THREE_STEPS, TenTimesFirstFeature(), cfg)
+    assert np.array_equal(values, [10.0, 20.0, 30.0])
+    if advantage == "gae":
+        # delta_t = r_t + gamma V(s_t+1) - V(s_t): 1 + 10 - 10 = 1, 2 + 15 - 20 = -3, 3 + 20 - 30 = -7
+        # A2 = -7, A1 = -3 + .25 (-7) = -4.75, A0 = 1 + .25 (-4.75) = -0.1875
+        expected_advantages = np.array([-0.1875, -4.75, -7.0])
+        expected_targets = expected_advantages + [10.0, 20.0, 30.0]
+    else:
+        # G2 = 3 + .5 * 40 = 23, G1 = 2 + .5 * 23 = 13.5, G0 = 1 + .5 * 13.5 = 7.75
+        expected_targets = np.array([7.75, 13.5, 23.0])
+        expected_advantages = expected_targets - [10.0, 20.0, 30.0]
+    assert np.allclose(advantages, expected_advantages, rtol=1e-12)
+    assert np.allclose(targets, expected_targets, rtol=1e-12)
+
+
+def test_standardize_centres_and_scales():
+    """standardize([1, 2, 3, 6]): mean 3 and standard deviation sqrt(3.5) give (A - 3) / sqrt(3.5)."""
+    got = T.standardize(np.array([1.0, 2.0, 3.0, 6.0]))
+    assert np.allclose(got, (np.array([1.0, 2.0, 3.0, 6.0]) - 3.0) / np.sqrt(3.5), rtol=1e-7)
+
+
+class CountingEnv(gym.Env):
+    """A tiny environment: reward 1, 2, 3 on the steps of an episode, which terminates after the third."""
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float64)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(1, float(self.t)), float(self.t), self.t == 3, False, {}
+
+
+def test_the_sampler_gives_each_episode_its_own_return():
+    """CountingEnv's episodes each return 1 + 2 + 3 = 6: over 7 steps the sampler records 6 at steps 2 and 5
+    and NaN elsewhere (a running return not reset would give 12 at step 5), the rewards 1, 2, 3, 1, 2, 3, 1,
+    and the episode_step of each state 0, 1, 2, 0, 1, 2, 0."""
+    net = MLP([1, 4, 2])
+    sampler = T.SinglePathSampler([CountingEnv()], env_seeds=[1], action_seeds=[2])
+    batch = sampler.sample(net, net.init(np.random.default_rng(0)), 7)
+    expected = np.full(7, np.nan)
+    expected[[2, 5]] = 6.0
+    assert np.array_equal(batch["episode_return"][:, 0], expected, equal_nan=True)
+    assert batch["rewards"][:, 0].tolist() == [1, 2, 3, 1, 2, 3, 1]
+    assert batch["episode_step"][:, 0].tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
 def test_gae_matches_a_plain_loop_and_lambda_one_is_monte_carlo(rng):
     """GAE paper Eq. (16) against a plain loop summing (gamma lambda)^l delta_{t+l} until the episode ends, on
     40 steps x 3 environments with random ends; and with lambda = 1 GAE equals the Monte-Carlo return minus V,
@@ -1472,6 +1542,25 @@ def test_gaussian_surrogate_gradient_matches_finite_differences(gaussian_net, rn
         assert relative_error(analytic, numeric) < 1e-6
     assert np.isclose(T.surrogate(net.forward(theta, states)[0], actions, logp_old, advantages, DiagonalGaussian)[0],
                       advantages.mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_with_entropy_bonus_adds_coef_times_the_entropy_and_its_gradient(continuous, rng):
+    """with_entropy_bonus(L, 0.3): the objective is L + 0.3 H, and its gradient in the logits is that of
+    L + 0.3 H, checked against central finite differences (1e-7), for a categorical and for a Gaussian with
+    d = 2 action dimensions."""
+    dist = DiagonalGaussian if continuous else Categorical
+    logits = rng.standard_normal((5, 4 if continuous else 3))
+    actions = rng.standard_normal((5, 2)) if continuous else rng.integers(3, size=5)
+    logp_old, advantages = dist.log_prob(logits + 0.1, actions), rng.standard_normal(5)
+
+    def surrogate_of_logits(z):
+        return T.surrogate(z, actions, logp_old, advantages, dist)
+    objective = T.with_entropy_bonus(surrogate_of_logits, 0.3, dist)
+    value, grad = objective(logits)
+    assert np.isclose(value, surrogate_of_logits(logits)[0] + 0.3 * T.entropy_bonus(logits, dist)[0], rtol=1e-12)
+    numeric = numerical_gradient(lambda flat: objective(flat.reshape(logits.shape))[0], logits.ravel())
+    assert np.allclose(grad.ravel(), numeric, atol=1e-7)
 
 
 def test_gaussian_entropy_bonus_gradient_matches_finite_differences(gaussian_net, rng):
