@@ -723,12 +723,18 @@ def code_occurrences(source, text):
     return found
 
 
+def copy_test_files(tests, directory):
+    """Copy into `directory` the test files named in `tests` ("file::name") that PROJECT_FILES leaves out
+    (test_program.py)."""
+    for test_file in {test.split("::")[0] for test in tests if "::" in test} - set(PROJECT_FILES):
+        shutil.copy(os.path.join(HERE, test_file), os.path.join(directory, test_file))
+
+
 def try_mutant(mutant, directory):
     """Put one bug into a copy of the project in `directory` and run its tests, stopping at the first failure.
     Returns (verdict, the line to print): verdict "caught", "SURVIVED" or "BROKEN"."""
     copy_project(HERE, directory)
-    for test_file in {test.split("::")[0] for test in mutant.tests if "::" in test} - set(PROJECT_FILES):
-        shutil.copy(os.path.join(HERE, test_file), os.path.join(directory, test_file))  # test_program.py
+    copy_test_files(mutant.tests, directory)
     path = os.path.join(directory, mutant.file)
     with open(path) as f:
         source = f.read()
@@ -759,6 +765,7 @@ def command_mutants(args):
         reference = os.path.join(tmp, "reference")
         copy_project(HERE, reference)
         all_tests = list(dict.fromkeys(test for mutant in MUTANTS for test in mutant.tests))
+        copy_test_files(all_tests, reference)
         reference_run = pool.submit(run_tests, reference, all_tests)
         runs = {i: pool.submit(try_mutant, mutant, os.path.join(tmp, f"mutant-{i}"))
                 for i, mutant in enumerate(MUTANTS) if i not in stale}
