@@ -359,6 +359,13 @@ def run_evaluation(path, episodes, greedy, gif_path, env_id=None):
     if gif_path is not None:
         check_gif_path(gif_path)
     net, theta, env_id = load_policy(path, env_id)
+    if gif_path is not None:
+        env = make_env(env_id)
+        render_modes = env.metadata.get("render_modes", [])
+        env.close()
+        if "rgb_array" not in render_modes:
+            raise UserError(f"--gif: {env_id} cannot draw its frames into an image (its render modes: "
+                            f"{', '.join(render_modes) or 'none'}).")
     returns = evaluate_policy(net, theta, env_id, episodes, greedy, rng=np.random.default_rng(0),
                               gif_path=gif_path)
     mode = "greedy" if greedy else "sampled"
@@ -471,7 +478,14 @@ def run_config(args, typed, given):
     overrides = {"out": os.path.dirname(os.path.abspath(args.resume))}
     overrides.update({k: v for k, v in typed.items() if k in RESUMABLE})
     cfg = dataclasses.replace(cfg, **overrides)
-    run_files.check_folder_is_ours(cfg.out, saved["run_id"])  # now, before any time is spent
+    run_files.check_folder_is_ours(cfg.out, saved["run_id"], saved["iteration"])  # now, before any time is spent
+    edits = run_files.edited_settings(cfg.out, saved["config"], RESUMABLE)
+    if edits:
+        name, value = edits[0]
+        print(f"note: config.json in {cfg.out} says {name} {value!r}, but the checkpoint {saved['config'][name]!r}; a "
+              f"resumed run keeps its checkpoint's settings, and config.json is written again with them"
+              + (f" ({len(edits) - 1} more setting{'s' if len(edits) > 2 else ''} differ)." if len(edits) > 1 else "."),
+              file=sys.stderr)
     if trpo.solved(saved["history"], cfg.stop_return):
         raise UserError(f"nothing to do: the run in {cfg.out} reached --stop-return {cfg.stop_return:g} already.")
     if saved["env_steps"] >= cfg.total_steps:

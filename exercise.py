@@ -199,6 +199,36 @@ EXERCISES = [
                      return True, theta, improvement, kl_reached, k, extra
              return False, theta_old, 0.0, 0.0, max_backtracks, None
              """, "backtracking line search: KL at most delta, and the surrogate improves"),
+    Exercise("restore_by_replay", "trpo_numpy.py", "restore_by_replay",
+             ["test_replaying_a_trunk_states_episode_rebuilds_that_state",
+              "test_fork_and_replay_restore_a_lander_state_bit_for_bit"],
+             """
+             env.reset()  # without the episode's seed: another terrain, another start
+             for action in actions:
+                 env.step(action)
+             return env
+             """, "the vine's restore: rebuild a trunk state by replaying its episode from its seed"),
+    Exercise("branch_rollout", "trpo_numpy.py", "branch_rollout",
+             ["test_branch_rollout_discounts_and_bootstraps",
+              "test_branch_lambda_return_is_the_weighted_mean_of_n_step_returns",
+              "test_a_branch_cut_by_the_time_limit_bootstraps_with_v_where_it_was_cut"],
+             """
+             obs, reward, terminated, truncated, _ = env.step(first_action)
+             rewards, observations = [reward], [obs]
+             while len(rewards) < len(noise) and not (terminated or truncated):
+                 obs, reward, terminated, truncated, _ = env.step(act(obs, noise[len(rewards)]))
+                 rewards.append(reward)
+                 observations.append(obs)
+             if value_fn is None:
+                 return float(np.sum(np.array(rewards) * gamma ** np.arange(len(rewards)))), len(rewards)
+             values = value_fn.predict(np.array(observations, dtype=np.float64))
+             if terminated:
+                 values[-1] = 0.0
+             G = values[-1]
+             for reward, value in zip(reversed(rewards), reversed(values)):
+                 G = reward + gamma * (lam * value + (1 - lam) * G)  # lambda weights the wrong term
+             return float(G), len(rewards)
+             """, "one branch of the vine and its Q: the Monte-Carlo sum, or the lambda-return"),
     Exercise("all_actions_surrogate", "trpo_numpy.py", "all_actions_surrogate",
              ["test_all_actions_gradient_matches_finite_differences"],
              """
@@ -388,7 +418,7 @@ MUTANTS = [
     Mutant("network.py", "return e / e.sum(axis=-1, keepdims=True)", "return e / e.sum()",
            ["test_categorical_helpers_match_definitions"],
            "softmax normalises over the whole batch, not each state"),
-    # Caught, before their tests were written, by no test or only by a learning threshold
+    # Missed by the suite, or caught only by a learning threshold, until the tests named here were written
     Mutant("trpo_numpy.py", "advantages = targets - values", "advantages = targets",
            ["test_estimate_advantages_on_a_hand_computed_batch"],
            "--advantage mc takes the returns-to-go as advantages, with no baseline"),
@@ -418,6 +448,11 @@ MUTANTS = [
            'vf.adam.t = saved["adam_t"]',
            ["test_program.py::test_a_checkpoint_restores_the_whole_state_of_the_learner"],
            "a resumed run's value function forgets its targets' mean and std"),
+    # The loop's assembly of steps 2 and 3 (policy_problem)
+    Mutant("trpo_numpy.py", "return surrogate(logits, actions, logp_old, step_advantages, dist)",
+           "return surrogate(logits, actions, logp_old, advantages, dist)",
+           ["test_policy_problem_assembles_the_single_paths_step_and_value_fit"],
+           "the single path's step takes the raw advantages, not the standardised ones it was told to"),
 ]
 
 

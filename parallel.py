@@ -34,12 +34,22 @@ import traceback
 
 def set_up_process(main):
     """What every process of ours does before it imports NumPy: one BLAS thread, freed memory kept.
-    main=True (the program itself, not a worker) also notes a stop signal (Ctrl-C, SIGTERM, SIGHUP) from now on, for the
-    program to act on once it is ready (stop_on_signals(interrupt=False))."""
+    main=True (the program itself, not a worker) also notes a stop signal (Ctrl-C, SIGTERM, SIGHUP) from
+    now on, for the program to act on once it is ready (stop_on_signals(interrupt=False)), and prints
+    any character (print_any_character)."""
     pin_blas_threads()
     keep_freed_memory()
     if main:
         stop_on_signals(interrupt=False)
+        print_any_character()
+
+
+def print_any_character():
+    """A path or an id that the terminal's encoding cannot show (PYTHONIOENCODING=ascii and a folder
+    named in Greek) is printed with backslash escapes, rather than ending the program in an error."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def pin_blas_threads():

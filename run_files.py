@@ -86,7 +86,7 @@ class RunFolder:
         self.lock = lock_folder(out_dir)
         try:
             if resuming:
-                check_folder_is_ours(out_dir, run_id)
+                check_folder_is_ours(out_dir, run_id, len(history))
             else:
                 check_folder_is_free(out_dir)
             write_config(out_dir, {**settings, "run_id": run_id})
@@ -247,9 +247,10 @@ def new_run_id(seed):
     return f"{int(time.time())}-{seed}-{os.getpid()}"
 
 
-def check_folder_is_ours(out_dir, run_id):
+def check_folder_is_ours(out_dir, run_id, iteration):
     """A resumed run may continue in its own folder or an empty one, never over another run's files nor
-    among anyone else's (a folder of plots, another tool's progress.csv)."""
+    among anyone else's (a folder of plots, another tool's progress.csv), nor over a later point of
+    itself: a checkpoint there past `iteration`, the one resumed from."""
     config_path = os.path.join(out_dir, "config.json")
     if not os.path.exists(config_path):
         if holds_other_files(out_dir):
@@ -263,6 +264,28 @@ def check_folder_is_ours(out_dir, run_id):
         other = None
     if other != run_id:
         raise UserError(f"'{out_dir}' holds another run; resume into its own folder or an empty one (--out).")
+    there = checkpoint_path(out_dir)
+    try:
+        later = read_checkpoint(there)["iteration"] if os.path.exists(there) else None
+    except UserError:
+        later = None
+    if later is not None and later > iteration:
+        raise UserError(f"'{out_dir}' holds this run at iteration {later}, later than the {iteration} resumed from, "
+                        f"which would replace it; resume from {there}, or give --out an empty folder.")
+
+
+def edited_settings(out_dir, settings, may_change):
+    """The settings whose value in out_dir's config.json (edited by hand, say) is not the one in `settings`
+    (a resumed checkpoint's), but those in may_change: [(name, value in config.json)]."""
+    try:
+        with open(os.path.join(out_dir, "config.json")) as f:
+            written = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(written, dict):
+        return []
+    return [(name, written[name]) for name in settings
+            if name not in may_change and name in written and written[name] != settings[name]]
 
 
 def write_config(out_dir, settings):
@@ -503,9 +526,15 @@ def plot_figures(history, env_id, seed, scheme_name, max_kl, solved_at=None):
 
 
 def save_plots(history, out_dir, env_id, seed, scheme_name, max_kl, solved_at=None):
-    """Write plot_figures' three PNGs into out_dir."""
-    for name, fig in plot_figures(history, env_id, seed, scheme_name, max_kl, solved_at).items():
-        save_figure(fig, [os.path.join(out_dir, name)])
+    """Write plot_figures' three PNGs into out_dir. A short or degenerate run (no episode finished yet,
+    every step refused) has curves with nothing to draw: they stay empty, without NumPy's and
+    matplotlib's warnings about it, which a user could not act on."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        figures = plot_figures(history, env_id, seed, scheme_name, max_kl, solved_at)
+        for name, fig in figures.items():
+            save_figure(fig, [os.path.join(out_dir, name)])
 
 
 def save_figure(fig, paths):

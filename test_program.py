@@ -89,10 +89,11 @@ def test_bad_input_is_one_sentence_and_exit_code_2(tmp_path, args, words):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_spaces_the_policy_cannot_serve_are_refused_in_one_sentence():
+def test_spaces_the_policy_cannot_serve_are_refused_in_one_sentence(tmp_path):
     """Environments registered here: Discrete actions numbered from 1 (the categorical gives 0 to n - 1), and
     a Box observation of shape (0,) (no input for the networks): cli.env_dims refuses each with a UserError
-    saying why; the same environment with actions from 0 and one observation is accepted."""
+    saying why; the same environment with actions from 0 and one observation is accepted, and evaluating a
+    policy on it with --gif is refused before any episode: it has no render mode that draws an image."""
     import gymnasium as gym
 
     class Tiny(gym.Env):
@@ -114,6 +115,11 @@ def test_spaces_the_policy_cannot_serve_are_refused_in_one_sentence():
     with pytest.raises(cli.UserError, match="the networks need a flat Box observation of one number or more"):
         cli.env_dims("TinyNoObservation-v0")
     assert cli.env_dims("TinyFine-v0") == (1, 3, False)
+    policy = str(tmp_path / "policy.npz")  # an environment that cannot render: --gif says so before any episode
+    run_files.save_policy(policy, [1, 4, 3], MLP([1, 4, 3]).init(np.random.default_rng(0)), "TinyFine-v0")
+    with pytest.raises(cli.UserError, match="--gif: TinyFine-v0 cannot draw its frames into an image"):
+        cli.run_evaluation(policy, 1, True, str(tmp_path / "tiny.gif"))
+    assert not (tmp_path / "tiny.gif").exists()
 
 
 def test_help_explains_every_flag():
@@ -1091,6 +1097,28 @@ def test_a_run_says_what_it_does_beyond_what_was_asked(tmp_path):
     assert "already returned terminated" not in result.stderr
 
 
+def test_a_degenerate_run_prints_no_library_warnings(tmp_path):
+    """One iteration of Pendulum in which no episode ends (32 of its 200 steps): its plots have curves with
+    nothing to draw, and the run says nothing of it: no NumPy or matplotlib warning on stderr."""
+    result = run_cli("--env", "Pendulum-v1", "--total-steps", "64", "--num-envs", "2", "--steps-per-env", "32",
+                     "--hidden", "8", "--workers", "1", "--quiet", "--out", str(tmp_path / "run"))
+    assert result.returncode == 0 and (tmp_path / "run" / "theory.png").exists(), result.stderr
+    assert "Warning" not in result.stderr and result.stderr.strip() == "", result.stderr
+
+
+def test_train_from_python_refuses_settings_the_command_line_would(tmp_path):
+    """A Config made in Python with a value argparse's choices would refuse (advantage 'MC', vine_restore
+    'forks', vine_proposal 'pi') or a yes/no setting that is not a bool (normalize_advantages=1): cli.train
+    raises a UserError naming the setting, before any folder is made."""
+    for settings, words in ((dict(advantage="MC"), "--advantage must be one of gae, mc, got 'MC'"),
+                            (dict(vine_restore="forks"), "--vine-restore must be one of auto, fork, replay"),
+                            (dict(vine_proposal="pi"), "--vine-proposal must be one of uniform, pi_old"),
+                            (dict(normalize_advantages=1), "normalize_advantages must be True or False, got 1")):
+        with pytest.raises(cli.UserError, match=words):
+            cli.train(short_config(tmp_path, "run", **settings), verbose=False)
+        assert not (tmp_path / "run").exists()
+
+
 def test_a_resume_with_nothing_left_to_do_says_so(tmp_path):
     """Resuming a run that has trained its --total-steps already is refused in one sentence (exit code 2) that
     says how far it got and how to go on; its files are not touched."""
@@ -1431,6 +1459,28 @@ def test_exercise_copies_are_ignored_by_git():
                               cwd=HERE).returncode == 0
 
 
+def test_the_notebook_runs_top_to_bottom(monkeypatch):
+    """trpo_lunar_lander.ipynb, executed in a new kernel (nbclient) with the tiny budgets TRPO_NOTEBOOK_QUICK=1
+    sets: every cell runs without an error; the explicit Fisher agrees with the code's product to 1e-10,
+    and CG's 10 iterations with the exact solve to 1e-3; the vine's cell prints a Q for each of the four actions and Eq. (15)'s value; the lander is shown
+    as a GIF. The notebook is committed without outputs, so none can disagree with its code."""
+    import nbformat
+    from nbclient import NotebookClient
+    path = os.path.join(HERE, "trpo_lunar_lander.ipynb")
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    monkeypatch.setenv("TRPO_NOTEBOOK_QUICK", "1")
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": HERE}}).execute()
+    printed = "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.outputs)
+    fisher_error = float(printed.split("|F v - explicit F v| / |F v| = ")[1].split()[0])
+    cg_error = float(printed.split("CG, 10 iterations: relative error ")[1].split()[0])
+    assert fisher_error < 1e-10 and cg_error < 1e-3, (fisher_error, cg_error)
+    assert all(f"  action {a}: Q = " in printed for a in range(4)) and "Eq. (15): L = " in printed
+    assert any("image/gif" in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
+               for output in cell.outputs)
+
+
 def test_exercise_list_follows_the_order_of_exercises_md():
     """EXERCISES.md's headings '## N. `function` (file)' are numbered 1, 2, ... and name, in order, the
     functions and files of exercise.EXERCISES; each section's make command names its exercise; and
@@ -1748,6 +1798,37 @@ def test_a_resume_refuses_a_folder_of_other_files(tmp_path):
                      "--total-steps", "1024")
     assert result.returncode == 2 and "is not empty and holds no run" in result.stderr, result.stderr
     assert sorted(os.listdir(foreign)) == ["progress.csv"] and "1,2" in (foreign / "progress.csv").read_text()
+
+
+def test_a_folder_name_the_terminal_cannot_encode_is_printed_escaped(tmp_path):
+    """With PYTHONIOENCODING=ascii, a run into a folder named 'run-\u03b4' finishes (exit 0, no traceback) and
+    prints the folder with a backslash escape."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "trpo_numpy.py"), *TINY_RUN, "--quiet",
+                             "--out", str(tmp_path / "run-\u03b4")], capture_output=True, timeout=120,
+                            env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr[-2000:]
+    assert b"run-\\u03b4" in result.stdout and (tmp_path / "run-\u03b4" / "checkpoint.npz").exists()
+
+
+def test_a_resume_never_replaces_a_later_point_of_its_run_and_says_when_config_json_was_edited(tmp_path):
+    """A run trained to iteration 1, its checkpoint kept aside, then resumed in its folder to iteration 2:
+    resuming the kept iteration-1 checkpoint with --out that folder is refused in one sentence (exit 2),
+    the folder's checkpoint still at iteration 2. With config.json's max_kl edited by hand, a resume in the
+    folder says in a note that the checkpoint's 0.04 is kept, and config.json says 0.04 again."""
+    import shutil
+    run = tmp_path / "run"
+    assert run_cli(*TINY_RUN, "--total-steps", "64", "--out", str(run)).returncode == 0
+    shutil.copy(run / "checkpoint.npz", tmp_path / "iteration1.npz")
+    assert run_cli("--resume", str(run / "checkpoint.npz"), "--total-steps", "128").returncode == 0
+    assert_refused(run_cli("--resume", str(tmp_path / "iteration1.npz"), "--out", str(run), "--total-steps", "192"),
+                   "holds this run at iteration 2, later than the 1 resumed from")
+    assert cli.read_checkpoint(str(run / "checkpoint.npz"))[0]["iteration"] == 2
+    settings = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**settings, "max_kl": 0.5}))
+    resumed = run_cli("--resume", str(run / "checkpoint.npz"), "--total-steps", "192")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "note: config.json in" in resumed.stderr and "says max_kl 0.5, but the checkpoint 0.04" in resumed.stderr
+    assert json.loads((run / "config.json").read_text())["max_kl"] == 0.04
 
 
 def test_a_stop_before_the_first_iteration_leaves_a_run_to_resume(tmp_path, monkeypatch):

@@ -374,6 +374,37 @@ def test_estimate_advantages_on_a_hand_computed_batch(advantage):
     assert np.allclose(targets, expected_targets, rtol=1e-12)
 
 
+def test_policy_problem_assembles_the_single_paths_step_and_value_fit():
+    """policy_problem (steps 2 and 3 of the loop) on THREE_STEPS, widened to CartPole's 4 observations, with
+    V = 10 s_0 and gamma = lambda = 0.5: the step's states and pi_old's logits are the batch's, in (t, e)
+    order; at theta_old (ratio 1) the objective is the mean of the standardised advantages, 0, with gradient
+    (onehot(a) - p) A_std / N; in the return's units it is the mean advantage, -3.979...; the largest
+    |A| is 7; V is fitted on the batch's states to A + V, with V = 10, 20, 30 before the fit."""
+    cfg = T.Config(env="CartPole-v1", gamma=0.5, lam=0.5, hidden=(4,), num_envs=1, steps_per_env=3)
+    learner = T.Learner(cfg)
+    learner.value_fn = TenTimesFirstFeature()
+    obs = np.zeros((3, 1, 4))
+    obs[:, 0, 0] = [1.0, 2.0, 3.0]
+    next_obs = np.zeros((3, 1, 4))
+    next_obs[:, 0, 0] = [2.0, 3.0, 4.0]
+    logits = np.array([[[0.0, 1.0]], [[0.5, -0.5]], [[2.0, 0.0]]])
+    actions = np.array([[1], [0], [1]])
+    batch = {**THREE_STEPS, "obs": obs, "next_obs": next_obs, "logits": logits, "actions": actions}
+    problem = T.policy_problem(learner, batch)
+    advantages = np.array([-0.1875, -4.75, -7.0])
+    standardized = (advantages - advantages.mean()) / advantages.std()
+    assert np.array_equal(problem.states, obs.reshape(3, 4)) and np.array_equal(problem.fit_states, obs.reshape(3, 4))
+    assert np.array_equal(problem.logits_old, logits.reshape(3, 2))
+    L, dL = problem.objective(problem.logits_old)
+    p = softmax(logits.reshape(3, 2))
+    onehot = np.eye(2)[actions.ravel()]
+    assert abs(L) < 1e-12 and np.allclose(dL, (onehot - p) * standardized[:, None] / 3, rtol=1e-7)
+    assert np.isclose(problem.in_return_units(problem.logits_old)[0], advantages.mean(), rtol=1e-12)
+    assert problem.largest_advantage == 7.0
+    assert np.allclose(problem.value_targets, advantages + [10.0, 20.0, 30.0], rtol=1e-12)
+    assert np.array_equal(problem.values, [10.0, 20.0, 30.0])
+
+
 def test_standardize_centres_and_scales():
     """standardize([1, 2, 3, 6]): mean 3 and standard deviation sqrt(3.5) give (A - 3) / sqrt(3.5)."""
     got = T.standardize(np.array([1.0, 2.0, 3.0, 6.0]))
