@@ -1303,11 +1303,9 @@ def test_exercise_check_runs_the_projects_tests_not_the_students_copy_of_them(tm
     assert "3 passed" in answer.stdout
 
 
-def test_exercise_check_stops_an_answer_that_never_finishes(tmp_path):
-    """An answer that loops forever: check --timeout 2 stops the tests after 2 s and says in one sentence that
-    the answer did not finish in time, exit code 1; the process that ran the loop is gone. --timeout 0 is
-    refused (exit 2)."""
-    import time
+def looping_kl_answer(tmp_path):
+    """A copy made for exercise kl whose answer writes its process id to a file, then loops forever:
+    (the copy's folder, that file)."""
     import exercise
     copy = tmp_path / "kl"
     assert run_exercise("make", "kl", "--into", str(copy)).returncode == 0
@@ -1320,6 +1318,15 @@ def test_exercise_check_stops_an_answer_that_never_finishes(tmp_path):
         while True:
             pass
         """))
+    return copy, pid_file
+
+
+def test_exercise_check_stops_an_answer_that_never_finishes(tmp_path):
+    """An answer that loops forever: check --timeout 2 stops the tests after 2 s and says in one sentence that
+    the answer did not finish in time, exit code 1; the process that ran the loop is gone. --timeout 0 is
+    refused (exit 2)."""
+    import time
+    copy, pid_file = looping_kl_answer(tmp_path)
     started = time.monotonic()
     result = run_exercise("check", "kl", "--from", str(copy), "--timeout", "2", timeout=90)
     assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-2000:])
@@ -1355,18 +1362,7 @@ def test_a_signal_to_exercise_check_stops_the_tests_it_runs(tmp_path, signal_nam
     exits with 128 + the signal's number, without a traceback, and the process running the loop is gone."""
     import signal
     import time
-    import exercise
-    copy = tmp_path / "kl"
-    assert run_exercise("make", "kl", "--into", str(copy)).returncode == 0
-    pid_file = tmp_path / "pid"
-    network = copy / "network.py"
-    network.write_text(exercise.replace_body(network.read_text(), "kl", f"""
-        import os
-        with open({str(pid_file)!r}, "w") as f:
-            f.write(str(os.getpid()))
-        while True:
-            pass
-        """))
+    copy, pid_file = looping_kl_answer(tmp_path)
     check = subprocess.Popen([sys.executable, os.path.join(HERE, "exercise.py"), "check", "kl", "--from", str(copy)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
