@@ -495,14 +495,14 @@ def run_config(args, typed, given):
 
 
 def last_good_checkpoint(out):
-    """What a run that could not write its files keeps, in one sentence: its last good checkpoint (the
-    iteration it holds, and the command to go on from it), or that it has none."""
+    """What a run that could not write its files keeps, as the end of a sentence: its last good checkpoint
+    (the iteration it holds, and the command to go on from it), or that it has none."""
     checkpoint = run_files.checkpoint_path(out)
     try:
         saved, _ = read_checkpoint(checkpoint)
     except UserError:
-        return f"No checkpoint could be saved in {out}."
-    return (f"The last good checkpoint, of iteration {saved['iteration']}, is kept: make room, then continue "
+        return f"no checkpoint could be saved in {out}."
+    return (f"the last good checkpoint, of iteration {saved['iteration']}, is kept: make room, then continue "
             f"with  python trpo_numpy.py --resume {checkpoint}")
 
 
@@ -546,10 +546,10 @@ def main(argv):
         cfg, resume = run_config(args, typed, given)
         _, _, history = train(cfg, resume=resume, progress_bar=not args.quiet)
     except run_files.WriteFailed as e:
-        if cfg is None or not cfg.out:  # nothing trained: a write before training (--gif, say)
+        if cfg is None or not cfg.out:  # before the run's folder was made: nothing was trained
             print(f"error: {e}.", file=sys.stderr)
             return 1
-        print(f"error: {e}; training stopped. {last_good_checkpoint(cfg.out)}", file=sys.stderr)
+        print(f"error: {e}; training stopped, and {last_good_checkpoint(cfg.out)}", file=sys.stderr)
         return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

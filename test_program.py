@@ -315,11 +315,11 @@ def test_a_full_disk_stops_the_run_keeping_its_last_checkpoint(tmp_path, small_f
     message = result.stderr.strip().splitlines()
     assert len(message) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     reason = "No space left on device" if full == "disk" else "File too large"
-    assert message[0].startswith("error: cannot write '") and f"{reason}; training stopped." in message[0]
+    assert message[0].startswith("error: cannot write '") and f"{reason}; training stopped, and " in message[0]
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
     for png in out.glob("*.png"):
         assert png.read_bytes().endswith(b"IEND\xaeB`\x82")  # a PNG's last chunk: the file is whole
-    if "No checkpoint could be saved" in message[0]:
+    if "no checkpoint could be saved" in message[0]:
         assert not (out / "checkpoint.npz").exists() and size_kb == 16
         return
     assert f"continue with  python trpo_numpy.py --resume {out / 'checkpoint.npz'}" in message[0]
