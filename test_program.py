@@ -1458,7 +1458,8 @@ def test_exercise_copies_are_ignored_by_git():
 def test_the_notebook_runs_top_to_bottom(monkeypatch):
     """trpo_lunar_lander.ipynb, executed in a new kernel (nbclient) with the tiny budgets TRPO_NOTEBOOK_QUICK=1
     sets: every cell runs without an error; the explicit Fisher agrees with the code's product to 1e-10,
-    and CG's 10 iterations with the exact solve to 1e-3; the vine's cell prints a Q for each of the four actions and Eq. (15)'s value; the lander is shown
+    and CG's 10 iterations with the exact solve to 1e-3; GAE with lambda = 1 equals the return-to-go minus V;
+    the vine's cell prints a Q for each of the four actions and Eq. (15)'s value; the lander is shown
     as a GIF. The notebook is committed without outputs, so none can disagree with its code."""
     import nbformat
     from nbclient import NotebookClient
@@ -1473,6 +1474,7 @@ def test_the_notebook_runs_top_to_bottom(monkeypatch):
     cg_error = float(printed.split("CG, 10 iterations: relative error ")[1].split()[0])
     assert fisher_error < 1e-10 and cg_error < 1e-3, (fisher_error, cg_error)
     assert all(f"  action {a}: Q = " in printed for a in range(4)) and "Eq. (15): L = " in printed
+    assert "GAE with lambda = 1 equals Q - V: True" in printed
     assert any("image/gif" in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
                for output in cell.outputs)
 
