@@ -405,6 +405,31 @@ def test_policy_problem_assembles_the_single_paths_step_and_value_fit():
     assert np.array_equal(problem.values, [10.0, 20.0, 30.0])
 
 
+def test_policy_problem_with_two_dimensional_gaussian_actions():
+    """policy_problem on THREE_STEPS with LunarLanderContinuous-v3's Gaussian policy (8 observations, d = 2
+    action dimensions, z = [mu, log sigma]): pi_old's z are mu = 0, sigma = 1 at every state, the actions
+    (1, 0), (0, -1), (0.5, 0.5). The step's states and z are the batch's, and at theta_old the objective's
+    gradient is d log pi / dz = [a - mu, (a - mu)^2 - 1] = [1, 0, 0, -1], [0, -1, -1, 0],
+    [0.5, 0.5, -0.75, -0.75], each row times its standardised advantage / 3."""
+    cfg = T.scheme_config("single", env="LunarLanderContinuous-v3", gamma=0.5, lam=0.5, hidden=(4,), num_envs=1,
+                          steps_per_env=3)
+    learner = T.Learner(cfg)
+    learner.value_fn = TenTimesFirstFeature()
+    obs, next_obs = np.zeros((3, 1, 8)), np.zeros((3, 1, 8))
+    obs[:, 0, 0], next_obs[:, 0, 0] = [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]
+    z = np.zeros((3, 1, 4))
+    actions = np.array([[[1.0, 0.0]], [[0.0, -1.0]], [[0.5, 0.5]]])
+    batch = {**THREE_STEPS, "obs": obs, "next_obs": next_obs, "logits": z, "actions": actions}
+    problem = T.policy_problem(learner, batch)
+    assert np.array_equal(problem.states, obs.reshape(3, 8)) and np.array_equal(problem.logits_old, z.reshape(3, 4))
+    advantages = np.array([-0.1875, -4.75, -7.0])  # as in the hand-computed batch above: V and rewards alike
+    standardized = (advantages - advantages.mean()) / advantages.std()
+    L, dL = problem.objective(problem.logits_old)
+    d_log_pi = np.array([[1.0, 0.0, 0.0, -1.0], [0.0, -1.0, -1.0, 0.0], [0.5, 0.5, -0.75, -0.75]])
+    assert abs(L) < 1e-12 and np.allclose(dL, d_log_pi * standardized[:, None] / 3, rtol=1e-7)
+    assert np.allclose(problem.value_targets, advantages + [10.0, 20.0, 30.0], rtol=1e-12)
+
+
 def test_standardize_centres_and_scales():
     """standardize([1, 2, 3, 6]): mean 3 and standard deviation sqrt(3.5) give (A - 3) / sqrt(3.5)."""
     got = T.standardize(np.array([1.0, 2.0, 3.0, 6.0]))
