@@ -448,11 +448,15 @@ MUTANTS = [
            'vf.adam.t = saved["adam_t"]',
            ["test_program.py::test_a_checkpoint_restores_the_whole_state_of_the_learner"],
            "a resumed run's value function forgets its targets' mean and std"),
-    # The loop's assembly of steps 2 and 3 (policy_problem)
+    # The loop's assembly of steps 2 and 3 (policy_problem), for each scheme
     Mutant("trpo_numpy.py", "return surrogate(logits, actions, logp_old, step_advantages, dist)",
            "return surrogate(logits, actions, logp_old, advantages, dist)",
            ["test_policy_problem_assembles_the_single_paths_step_and_value_fit"],
            "the single path's step takes the raw advantages, not the standardised ones it was told to"),
+    Mutant("trpo_numpy.py", 'largest_advantage = np.nanmax(np.abs(batch["Q"] - branch_values[:, None]))',
+           'largest_advantage = np.nanmax(np.abs(batch["Q"]))',
+           ["test_policy_problem_assembles_the_vines_step_and_value_fit"],
+           "the vine's eps of Theorem 1 is the largest |Q|, not the largest |Q - V|"),
 ]
 
 

@@ -430,6 +430,34 @@ def test_policy_problem_with_two_dimensional_gaussian_actions():
     assert np.allclose(problem.value_targets, advantages + [10.0, 20.0, 30.0], rtol=1e-12)
 
 
+def test_policy_problem_assembles_the_vines_step_and_value_fit():
+    """policy_problem for the vine (all actions, Eq. 15) on THREE_STEPS as its trunk and two rollout states
+    s_1 = (5, 0, 0, 0), s_2 = (6, 0, 0, 0) with pi_old uniform over 2 actions and Q = [[1, 3], [10, 6]]: the
+    step is taken on the rollout states; the branches' V(s_n) = sum_a pi_old Q = 2 and 8; at theta_old L is
+    their mean, 5, with gradient p (Q - V) / N = [[-0.25, 0.25], [0.5, -0.5]], the same in the return's
+    units; the largest |Q - V| is 2; and V is fitted on the trunk's states and the rollout states, to the
+    trunk's targets A + V and to the branches' 2 and 8 (the lambda-return's addition)."""
+    cfg = T.scheme_config("vine", env="CartPole-v1", gamma=0.5, lam=0.5, hidden=(4,), num_envs=1, steps_per_env=3)
+    learner = T.Learner(cfg)
+    learner.value_fn = TenTimesFirstFeature()
+    obs, next_obs = np.zeros((3, 1, 4)), np.zeros((3, 1, 4))
+    obs[:, 0, 0], next_obs[:, 0, 0] = [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]
+    rollout_states = np.array([[5.0, 0, 0, 0], [6.0, 0, 0, 0]])
+    batch = {**THREE_STEPS, "obs": obs, "next_obs": next_obs, "rollout_states": rollout_states,
+             "rollout_logits": np.zeros((2, 2)), "Q": np.array([[1.0, 3.0], [10.0, 6.0]]),
+             "action_sets": np.array([[0, 1], [0, 1]]), "proposal": None}
+    problem = T.policy_problem(learner, batch)
+    assert np.array_equal(problem.states, rollout_states) and np.array_equal(problem.logits_old, np.zeros((2, 2)))
+    for objective in (problem.objective, problem.in_return_units):
+        L, dL = objective(problem.logits_old)
+        assert np.isclose(L, 5.0, rtol=1e-12) and np.allclose(dL, [[-0.25, 0.25], [0.5, -0.5]], rtol=1e-12)
+    assert problem.largest_advantage == 2.0
+    assert np.array_equal(problem.fit_states, np.concatenate([obs.reshape(3, 4), rollout_states]))
+    trunk_targets = np.array([-0.1875, -4.75, -7.0]) + [10.0, 20.0, 30.0]
+    assert np.allclose(problem.value_targets, np.concatenate([trunk_targets, [2.0, 8.0]]), rtol=1e-12)
+    assert np.array_equal(problem.values, [10.0, 20.0, 30.0, 50.0, 60.0])
+
+
 def test_standardize_centres_and_scales():
     """standardize([1, 2, 3, 6]): mean 3 and standard deviation sqrt(3.5) give (A - 3) / sqrt(3.5)."""
     got = T.standardize(np.array([1.0, 2.0, 3.0, 6.0]))
