@@ -203,8 +203,8 @@ EXERCISES = [
              ["test_replaying_a_trunk_states_episode_rebuilds_that_state",
               "test_fork_and_replay_restore_a_lander_state_bit_for_bit"],
              """
-             env.reset()  # without the episode's seed: another terrain, another start
-             for action in actions:
+             env.reset(seed=int(seed))
+             for action in actions[:-1]:  # stops one step short of the state
                  env.step(action)
              return env
              """, "the vine's restore: rebuild a trunk state by replaying its episode from its seed"),
@@ -221,12 +221,10 @@ EXERCISES = [
                  observations.append(obs)
              if value_fn is None:
                  return float(np.sum(np.array(rewards) * gamma ** np.arange(len(rewards)))), len(rewards)
-             values = value_fn.predict(np.array(observations, dtype=np.float64))
-             if terminated:
-                 values[-1] = 0.0
+             values = value_fn.predict(np.array(observations, dtype=np.float64))  # V even after the episode's end
              G = values[-1]
              for reward, value in zip(reversed(rewards), reversed(values)):
-                 G = reward + gamma * (lam * value + (1 - lam) * G)  # lambda weights the wrong term
+                 G = reward + gamma * ((1 - lam) * value + lam * G)
              return float(G), len(rewards)
              """, "one branch of the vine and its Q: the Monte-Carlo sum, or the lambda-return"),
     Exercise("all_actions_surrogate", "trpo_numpy.py", "all_actions_surrogate",
