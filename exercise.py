@@ -455,6 +455,26 @@ MUTANTS = [
            'largest_advantage = np.nanmax(np.abs(batch["Q"]))',
            ["test_policy_problem_assembles_the_vines_step_and_value_fit"],
            "the vine's eps of Theorem 1 is the largest |Q|, not the largest |Q - V|"),
+    Mutant("trpo_numpy.py", "values = (w * Q).sum(axis=1) / w.sum(axis=1)", "values = (w * Q).mean(axis=1)",
+           ["test_policy_problem_assembles_the_vines_importance_sampled_step"],
+           "with K drawn actions, the branches' V(s_n) weighs Q by w without normalising the weights"),
+    Mutant("trpo_numpy.py", 'w = np.exp(dist.log_prob(z_old, a)).reshape(Q.shape) / batch["proposal"]',
+           'w = np.exp(dist.log_prob(z_old, a)).reshape(Q.shape)',
+           ["test_policy_problem_assembles_the_vines_importance_sampled_step"],
+           "with K drawn actions, the branches' V(s_n) forgets to divide by q, the proposal"),
+    # The loop itself: train_iteration and record_iteration
+    Mutant("trpo_numpy.py", "batch = sampler.sample(net, learner.theta, cfg.steps_per_env)",
+           "batch = sampler.sample(net, learner.theta, cfg.num_envs)",
+           ["test_train_iteration_runs_steps_one_to_five_in_order"],
+           "the loop samples num_envs steps from each environment, not steps_per_env"),
+    Mutant("engine.py", "batch = sampler.sample(net, learner.theta, cfg.steps_per_env)",
+           "batch = sampler.sample(net, learner.theta, cfg.num_envs)",
+           ["test_train_iteration_runs_steps_one_to_five_in_order"],
+           "the engine's loop samples num_envs steps from each environment, not steps_per_env"),
+    Mutant("trpo_numpy.py", "learner.env_steps += learner.cfg.batch_size",
+           "learner.env_steps += learner.cfg.steps_per_env",
+           ["test_train_iteration_runs_steps_one_to_five_in_order"],
+           "an iteration counts one environment's steps, not the whole batch's"),
 ]
 
 

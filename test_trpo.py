@@ -21,6 +21,7 @@ Run:  python -m pytest -q test_trpo.py                      (this file)
       python -m pytest -q test_trpo.py test_program.py      (all the tests)
 """
 
+import copy
 import os
 import types
 
@@ -456,6 +457,96 @@ def test_policy_problem_assembles_the_vines_step_and_value_fit():
     trunk_targets = np.array([-0.1875, -4.75, -7.0]) + [10.0, 20.0, 30.0]
     assert np.allclose(problem.value_targets, np.concatenate([trunk_targets, [2.0, 8.0]]), rtol=1e-12)
     assert np.array_equal(problem.values, [10.0, 20.0, 30.0, 50.0, 60.0])
+
+
+def test_policy_problem_assembles_the_vines_importance_sampled_step():
+    """policy_problem for the vine with K = 2 drawn actions (Eq. 16) on THREE_STEPS as its trunk and two
+    rollout states, pi_old uniform over 2 actions. State 1 drew actions 0 and 1 with q = 0.25 and 0.75,
+    Q = 4 and 8: w = pi_old / q = 2 and 2/3, so L_1 = (2 * 4 + 2/3 * 8) / (8/3) = 5, and with
+    c = w / W (Q - L_1) = (-0.75, 0.75), dL_1/dz = sum_k c_k (onehot(a_k) - p) = (-0.75, 0.75). State 2
+    drew action 1 twice with q = 0.5, Q = 2 and 6: L_2 = 4, and its two terms cancel, dL_2/dz = 0. So
+    L = 4.5, dL/dz = [[-0.375, 0.375], [0, 0]] (over N = 2), the branches' V(s_n) = 5 and 4 (the same
+    weights), the largest |Q - V| is 3, and V is fitted to the trunk's targets and to 5 and 4."""
+    cfg = T.scheme_config("vine", env="CartPole-v1", gamma=0.5, lam=0.5, hidden=(4,), num_envs=1, steps_per_env=3,
+                          vine_actions=2)
+    learner = T.Learner(cfg)
+    learner.value_fn = TenTimesFirstFeature()
+    obs, next_obs = np.zeros((3, 1, 4)), np.zeros((3, 1, 4))
+    obs[:, 0, 0], next_obs[:, 0, 0] = [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]
+    rollout_states = np.array([[5.0, 0, 0, 0], [6.0, 0, 0, 0]])
+    batch = {**THREE_STEPS, "obs": obs, "next_obs": next_obs, "rollout_states": rollout_states,
+             "rollout_logits": np.zeros((2, 2)), "Q": np.array([[4.0, 8.0], [2.0, 6.0]]),
+             "action_sets": np.array([[0, 1], [1, 1]]), "proposal": np.array([[0.25, 0.75], [0.5, 0.5]])}
+    problem = T.policy_problem(learner, batch)
+    assert np.array_equal(problem.states, rollout_states) and np.array_equal(problem.logits_old, np.zeros((2, 2)))
+    for objective in (problem.objective, problem.in_return_units):
+        L, dL = objective(problem.logits_old)
+        assert np.isclose(L, 4.5, rtol=1e-12) and np.allclose(dL, [[-0.375, 0.375], [0.0, 0.0]], rtol=1e-12,
+                                                             atol=1e-15)
+    assert np.isclose(problem.largest_advantage, 3.0, rtol=1e-12)
+    assert np.array_equal(problem.fit_states, np.concatenate([obs.reshape(3, 4), rollout_states]))
+    trunk_targets = np.array([-0.1875, -4.75, -7.0]) + [10.0, 20.0, 30.0]
+    assert np.allclose(problem.value_targets, np.concatenate([trunk_targets, [5.0, 4.0]]), rtol=1e-12)
+    assert np.array_equal(problem.values, [10.0, 20.0, 30.0, 50.0, 60.0])
+
+
+@pytest.mark.parametrize("module", [T, engine], ids=["reference", "engine"])
+def test_train_iteration_runs_steps_one_to_five_in_order(module, monkeypatch):
+    """One train_iteration (the reference's, and the engine's with its value fit in a thread), watched:
+    1. the batch is sampled with theta_old, steps_per_env steps; 2. every V used for the advantages is
+    taken before V is refitted; 4. the step starts at theta_old on the batch's states, and the learner
+    keeps what it returns; 5. V is fitted to the targets that V before the iteration gives
+    (estimate_advantages on a copy of the learner), with the same minibatches; and the counters grow by
+    one iteration and one batch, the finished episodes' returns join the learner's, the row its history."""
+    cfg = T.scheme_config("single", env="CartPole-v1", hidden=(8,), num_envs=2, steps_per_env=16, workers=1, seed=3)
+    learner = T.Learner(cfg)
+    sampler = T.make_sampler(cfg, learner)
+    before = copy.deepcopy(learner)
+    events, seen = [], {}
+    real_sample, real_predict, real_fit, real_step = sampler.sample, learner.value_fn.predict, \
+        learner.value_fn.fit, T.trpo_step
+
+    def sample(net, theta, steps):
+        events.append("sample")
+        seen["sampled_with"], seen["steps"] = theta.copy(), steps
+        seen["batch"] = real_sample(net, theta, steps)
+        return seen["batch"]
+
+    def predict(states):
+        events.append("predict within the fit" if seen.get("fitting") else "predict")
+        return real_predict(states)
+
+    def fit(states, targets, epochs, minibatch, rng):
+        events.append("fit")
+        seen["fit_states"], seen["targets"], seen["fitting"] = states.copy(), targets.copy(), True
+        mse = real_fit(states, targets, epochs, minibatch, rng)
+        seen["fitting"] = False
+        return mse
+
+    def step(net, theta_old, states, *rest):
+        events.append("step")
+        seen["theta_old"], seen["step_states"] = theta_old.copy(), states.copy()
+        seen["theta_new"], info = real_step(net, theta_old, states, *rest)
+        return seen["theta_new"], info
+    sampler.sample, learner.value_fn.predict, learner.value_fn.fit = sample, predict, fit
+    monkeypatch.setattr(T, "trpo_step", step)
+    row = module.train_iteration(learner, sampler)
+    sampler.close()
+
+    assert events[0] == "sample" and events.count("fit") == 1 and events.count("step") == 1
+    assert "predict" not in events[events.index("fit"):]  # the advantages used V before its fit
+    assert np.array_equal(seen["sampled_with"], before.theta) and seen["steps"] == 16
+    batch = seen["batch"]
+    states = batch["obs"].reshape(32, 4)
+    assert np.array_equal(seen["theta_old"], before.theta) and np.array_equal(seen["step_states"], states)
+    assert np.array_equal(learner.theta, seen["theta_new"]) and not np.array_equal(learner.theta, before.theta)
+    _, expected_targets, _ = T.estimate_advantages(batch, before.value_fn, cfg)
+    assert np.array_equal(seen["fit_states"], states) and np.array_equal(seen["targets"], expected_targets)
+    before.value_fn.fit(states, expected_targets, cfg.vf_epochs, cfg.vf_minibatch, before.rng)
+    assert np.array_equal(learner.value_fn.phi, before.value_fn.phi)
+    finished = batch["episode_return"][~np.isnan(batch["episode_return"])]
+    assert len(finished) > 0 and learner.episode_returns == list(finished)
+    assert (learner.iteration, learner.env_steps) == (1, 32) and learner.history == [row]
 
 
 def test_standardize_centres_and_scales():
